@@ -1,0 +1,3 @@
+"""cxr-bench: benchmark suite for chest X-ray pneumonia classifiers."""
+
+__version__ = "0.1.0"

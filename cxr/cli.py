@@ -1,0 +1,151 @@
+"""`cxr-bench`: run, evaluate, report, specs. Exit status 0 ok, 1 some run failed, 2 bad input."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from cxr import spec as spec_mod
+
+USER_ERROR = 2
+
+
+def _specs(args) -> list[spec_mod.ExperimentSpec]:
+    specs = spec_mod.load(args.paths or ["specs"])
+    if getattr(args, "seeds", None) is not None:
+        specs = spec_mod.with_seeds(specs, args.seeds)
+    specs = [spec_mod.override(s, dataset=getattr(args, "data", None), epochs=getattr(args, "epochs", None))
+             for s in specs]
+    if args.k:
+        specs = [s for s in specs if spec_mod.matches(s, args.k)]
+    return specs
+
+
+def cmd_specs(args) -> int:
+    for s in _specs(args):
+        print(f"{s.run_id:<40} {s.source}  dataset={s.dataset} model={s.model} epochs={s.epochs}")
+    return 0
+
+
+def cmd_run(args) -> int:
+    from cxr import data as data_mod
+    from cxr import train
+
+    specs = _specs(args)
+    if not specs:
+        print("cxr-bench run: no experiments selected", file=sys.stderr)
+        return USER_ERROR
+    device = train.resolve_device(args.device)
+    print(f"{len(specs)} runs -> {args.out}/runs on {device}", flush=True)
+    t0, failed = time.perf_counter(), 0
+    for i, s in enumerate(specs, 1):
+        r = train.run(s, args.out, args.device, rerun=args.rerun, data=data_mod.load(s.dataset, s.image_size))
+        failed += r["status"] == "failed"
+        test = (r.get("metrics") or {}).get("test") or {}
+        where = "stored" if r.get("cached") else f"{(r.get('timing') or {}).get('train_seconds', 0):.1f}s"
+        line = f"[{i}/{len(specs)}] {s.run_id:<36} {r['status']:<8} {where:>8}"
+        if test:
+            line += f"  test acc {100 * test['accuracy']:.2f}%  AUROC {test['auroc']:.4f}  best epoch {r['best_epoch']}"
+        if r.get("error"):
+            line += f"  ({r['error']})"
+        print(line, flush=True)
+    print(f"done in {time.perf_counter() - t0:.1f}s; {failed} failed. Report: cxr-bench report {args.out}")
+    return 1 if failed else 0
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def cmd_evaluate(args) -> int:
+    from cxr.evaluate import evaluate_weights
+
+    r = evaluate_weights(args.weights, args.normal, args.pneumonia, model=args.model, loss=args.loss,
+                         device=args.device)
+    if args.json:
+        keys = ("accuracy", "n", "sensitivity", "specificity", "auroc", "confusion", "model", "loss", "device")
+        print(json.dumps({k: r[k] for k in keys}))
+        return 0
+    (tn, fp), (fn, tp) = r["confusion"]
+    print(f"weights      {args.weights} ({r['model']}, width {r['width']}, {r['loss'].upper()}: "
+          f"{r['num_outputs']} output{'s' if r['num_outputs'] > 1 else ''}) on {r['device']}")
+    print(f"images       {r['n']} ({tn + fp} normal, {fn + tp} pneumonia), shape {tuple(r['image_shape'])}")
+    print(f"accuracy     {_pct(r['accuracy'])} ({r['correct']}/{r['n']})")
+    print(f"sensitivity  {_pct(r['sensitivity'])} (pneumonia found)")
+    print(f"specificity  {_pct(r['specificity'])} (normal cleared)")
+    print(f"AUROC        {'n/a' if r['auroc'] is None else format(r['auroc'], '.4f')}")
+    print("confusion    rows true, columns predicted: normal, pneumonia")
+    print(f"             normal    {tn:>5} {fp:>5}\n             pneumonia {fn:>5} {tp:>5}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from cxr import report
+
+    path = report.render(args.results, out=args.out, benchmark_json=args.benchmark_json)
+    print(f"report written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cxr-bench", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def selection(sp):
+        sp.add_argument("paths", nargs="*", metavar="SPEC_OR_DIR", help="spec files or directories (default: specs/)")
+        sp.add_argument("--data", help="data source for every run: synthetic, npz:PATH, npy:DIR, folder:DIR, "
+                                       "pneumoniamnist[:SIZE]")
+        sp.add_argument("--epochs", type=int, help="override every spec's epochs")
+        sp.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the specs' seeds")
+        sp.add_argument("-k", metavar="EXPR", help="select run ids like pytest -k (loss names match exactly)")
+
+    sp = sub.add_parser("run", help="train and evaluate the selected experiments")
+    selection(sp)
+    sp.add_argument("--out", default="results", help="results directory (default: results)")
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--rerun", action="store_true", help="train again even if a result is stored")
+    sp.set_defaults(func=cmd_run)
+
+    sp = sub.add_parser("specs", help="list the expanded experiment runs")
+    selection(sp)
+    sp.set_defaults(func=cmd_specs)
+
+    sp = sub.add_parser("evaluate", help="accuracy of saved weights on test_normal.npy / test_pneumonia.npy")
+    sp.add_argument("--weights", required=True, help="state dict (.pth), e.g. results/runs/ID/seed-0/model_weights.pth")
+    sp.add_argument("--normal", required=True, help=".npy of normal images (label 0)")
+    sp.add_argument("--pneumonia", required=True, help=".npy of pneumonia images (label 1)")
+    sp.add_argument("--model", help="model name (default: inferred from the weights)")
+    sp.add_argument("--loss", choices=["bce", "ce"], help="default: inferred (1 output = bce, 2 = ce)")
+    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--json", action="store_true", help="print one JSON object (fractions, not percent)")
+    sp.set_defaults(func=cmd_evaluate)
+
+    sp = sub.add_parser("report", help="render the Markdown report from a results directory")
+    sp.add_argument("results", nargs="?", default="results", help="results directory (default: results)")
+    sp.add_argument("--out", help="report file (default: RESULTS/report.md)")
+    sp.add_argument("--benchmark-json", help="pytest-benchmark JSON to add its timings")
+    sp.set_defaults(func=cmd_report)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from cxr.data import DataError
+    from cxr.models import WeightsError
+    from cxr.results import ResultError
+
+    try:
+        return args.func(args)
+    except (spec_mod.SpecError, DataError, WeightsError, ResultError, ValueError) as e:
+        print(f"cxr-bench {args.command}: error: {e}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; finished runs are stored and will not be repeated", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

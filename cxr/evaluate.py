@@ -1,0 +1,120 @@
+"""Evaluation: predictions, metrics and loss of a model on one split, and `cxr-bench evaluate`.
+
+BCE models have one logit (pneumonia when logit > 0); CE models have two (argmax). The score of
+pneumonia is sigmoid(logit) or softmax(logits)[:, 1].
+"""
+
+from __future__ import annotations
+
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cxr import data as data_mod
+from cxr.metrics import binary_metrics
+from cxr.models import WeightsError, infer_model
+
+EVAL_BATCH = 1024
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device {device!r}: allowed values are auto, cpu, cuda")
+    return torch.device(device)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
+                   batch_size: int = EVAL_BATCH) -> torch.Tensor:
+    """Logits (N, k) as float32 on CPU. Model is put in eval mode; x may live on any device."""
+    model.eval()
+    out = []
+    for i in range(0, len(x), batch_size):
+        xb = x[i:i + batch_size].to(device, non_blocking=True)
+        if device.type == "cuda":
+            xb = xb.contiguous(memory_format=torch.channels_last)
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out.append(model(xb).float())
+        else:
+            out.append(model(xb).float())
+    return torch.cat(out).cpu() if out else torch.empty(0, 1)
+
+
+def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean BCE-with-logits (1 logit) or cross-entropy (2 logits) of logits against labels."""
+    if logits.shape[1] == 1:
+        return F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
+    return F.cross_entropy(logits, y)
+
+
+def scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """(y_score = P(pneumonia), y_pred) from logits, the prediction taken on the logits themselves."""
+    if logits.shape[1] == 1:
+        return torch.sigmoid(logits[:, 0]).numpy(), (logits[:, 0] > 0).long().numpy()
+    return torch.softmax(logits, 1)[:, 1].numpy(), logits.argmax(1).numpy()
+
+
+def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict:
+    """Metrics (accuracy, sensitivity, specificity, AUROC, ECE, confusion, loss) and predictions."""
+    logits = predict_logits(model, x, device)
+    y_cpu = y.cpu()
+    y_score, y_pred = scores(logits)
+    if not np.isfinite(y_score).all():
+        raise FloatingPointError("the model produced non-finite outputs")
+    metrics = binary_metrics(y_cpu.numpy(), y_score, y_pred)
+    metrics["loss"] = float(loss_of(logits, y_cpu))
+    predictions = {"y_true": y_cpu.tolist(), "y_score": [round(float(s), 6) for s in y_score],
+                   "y_pred": y_pred.tolist()}
+    return {"metrics": metrics, "predictions": predictions}
+
+
+def load_state_dict(path: str | Path) -> dict:
+    """A state dict from a .pth file, loaded safely (weights_only=True); one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
+        raise WeightsError(f"{path}: cannot load weights ({msg[:200]})") from None
+    if isinstance(obj, nn.Module):  # not reachable with weights_only, kept for clarity
+        obj = obj.state_dict()
+    return obj
+
+
+def evaluate_weights(weights: str | Path, normal: str | Path, pneumonia: str | Path, *,
+                     model: str | None = None, loss: str | None = None, device: str = "auto") -> dict:
+    """The course's evaluation task: accuracy etc. of saved weights on test_normal / test_pneumonia.
+
+    Returns {"accuracy", "n", "sensitivity", "specificity", "auroc", "confusion", "model", "loss",
+    "num_outputs", "width", "device", "input_dtype", ...}.
+    """
+    state = load_state_dict(weights)
+    num_outputs = None if loss is None else (1 if loss == "bce" else 2)
+    name, outputs, width, net = infer_model(state, model, num_outputs, source=str(weights))
+    x, y = data_mod.load_pair(normal, pneumonia)
+    dev = resolve_device(device)
+    net.to(dev)
+    try:
+        result = evaluate_split(net, x, y, dev)
+    except RuntimeError as e:  # e.g. an image too small for the network
+        raise WeightsError(f"{weights}: the model cannot run on images of shape {tuple(x.shape[1:])} "
+                           f"({str(e).splitlines()[0][:160]})") from None
+    m = result["metrics"]
+    return {
+        "accuracy": m["accuracy"], "n": m["n"], "correct": m["confusion"][0][0] + m["confusion"][1][1],
+        "sensitivity": m["sensitivity"], "specificity": m["specificity"], "auroc": m["auroc"],
+        "ece": m["ece"], "loss_value": m["loss"], "confusion": m["confusion"],
+        "model": name, "loss": "bce" if outputs == 1 else "ce", "num_outputs": outputs, "width": width,
+        "device": str(dev), "image_shape": list(x.shape[1:]),
+    }

@@ -1,0 +1,308 @@
+"""Declarative experiment specs: TOML files with defaults, an optional [grid], and seeds.
+
+A file expands to one ExperimentSpec per (grid point, seed). Everything is validated here, once;
+the rest of the package trusts an ExperimentSpec.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class SpecError(ValueError):
+    """A spec file that cannot be used; the message is one line naming the file and the key."""
+
+
+LOSSES = ("bce", "ce")
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("none", "cosine", "onecycle", "step")
+SELECT_METRICS = ("loss", "accuracy", "auroc", "last")
+MODELS = ("cnn", "vgg", "resnet18")  # kept in step with cxr.models.MODELS (a test checks)
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    """One training run's settings. `seed` is the run's seed; `seeds` in a file expands to many."""
+
+    name: str = "experiment"
+    dataset: str = "synthetic"
+    image_size: int = 28
+    model: str = "cnn"
+    width: int = 16  # channels of the first conv block; the model doubles it per stage
+    loss: str = "ce"  # "bce": 1 logit + BCEWithLogits; "ce": 2 logits + CrossEntropy
+    optimizer: str = "adam"
+    lr: float = 0.001
+    weight_decay: float = 0.0
+    momentum: float = 0.9  # sgd only
+    schedule: str = "none"
+    warmup_epochs: float = 0.0  # linear warm-up before the schedule (cosine, step)
+    step_epochs: int = 10  # "step": multiply lr by step_gamma every step_epochs
+    step_gamma: float = 0.1
+    label_smoothing: float = 0.0
+    augment_shift: float = 0.0  # max shift as a fraction of the image side; 0 = off
+    augment_rotate: float = 0.0  # max rotation in degrees; 0 = off
+    augment_scale: float = 0.0  # max relative zoom (0.1 = 0.9..1.1); 0 = off
+    batch_size: int = 32
+    epochs: int = 10
+    select: str = "loss"  # validation metric that picks the best epoch ("last": no selection)
+    seed: int = 0
+    # Bookkeeping, not part of the training recipe (excluded from spec_hash):
+    sweep: tuple[str, ...] = ()  # grid keys of the file this came from, e.g. ("lr",)
+    source: str = ""  # the spec file
+
+    @property
+    def id(self) -> str:
+        """Stable, readable id, e.g. `lr-ce-lr0.01-bs32`; other swept keys are appended."""
+        parts = [self.name, self.loss, f"lr{_fmt(self.lr)}", f"bs{self.batch_size}"]
+        for key in self.sweep:
+            if key not in ("loss", "lr", "batch_size"):
+                parts.append(f"{_SHORT.get(key, key)}{_fmt(getattr(self, key))}")
+        return "-".join(parts)
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.id}-seed{self.seed}"
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.loss == "bce" else 2
+
+    def recipe(self) -> dict:
+        """The fields that decide what training does (what spec_hash covers)."""
+        d = dataclasses.asdict(self)
+        for key in _BOOKKEEPING:
+            d.pop(key)
+        return d
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["sweep"] = list(self.sweep)
+        d["id"] = self.id
+        return d
+
+    def spec_hash(self) -> str:
+        blob = json.dumps(self.recipe(), sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+_BOOKKEEPING = ("name", "sweep", "source")
+_SHORT = {"epochs": "ep", "image_size": "px", "weight_decay": "wd", "label_smoothing": "ls",
+          "optimizer": "", "schedule": "", "model": "", "dataset": "data-", "width": "w"}
+_FIELDS = {f.name: f for f in dataclasses.fields(ExperimentSpec)}
+_SETTABLE = [k for k in _FIELDS if k not in ("seed", "sweep", "source")] + ["seeds"]
+_CHOICES = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "select": SELECT_METRICS,
+            "model": MODELS}
+# (low, high, low inclusive, high inclusive)
+_RANGES = {
+    "image_size": (28, 512, True, True), "width": (1, 512, True, True),
+    "lr": (0, 10, False, True), "weight_decay": (0, 1, True, True), "momentum": (0, 1, True, False),
+    "warmup_epochs": (0, 1000, True, True), "step_epochs": (1, 10000, True, True),
+    "step_gamma": (0, 1, False, True), "label_smoothing": (0, 1, True, False),
+    "augment_shift": (0, 0.5, True, True), "augment_rotate": (0, 180, True, True),
+    "augment_scale": (0, 0.5, True, True), "batch_size": (1, 65536, True, True),
+    "epochs": (1, 10000, True, True),
+}
+DEFAULT_SEEDS = (0,)
+
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def _check_value(path: Path, key: str, value, where: str):
+    """Return value coerced to the field's type, or raise SpecError naming file, key and what is allowed."""
+    field = _FIELDS[key]
+    default = field.default
+    loc = f"{path}: {where}{key}"
+    if isinstance(default, bool) or isinstance(value, bool):
+        raise SpecError(f"{loc} = {value!r}: expected a {type(default).__name__}")
+    if isinstance(default, str):
+        if not isinstance(value, str):
+            raise SpecError(f"{loc} = {value!r}: expected a string")
+        if key in _CHOICES and value not in _CHOICES[key]:
+            raise SpecError(f"{loc} = {value!r}: allowed values are {', '.join(_CHOICES[key])}")
+        if key == "name" and (not value or not all(c.isalnum() or c in "_." for c in value)):
+            raise SpecError(f"{loc} = {value!r}: use letters, digits, '_' or '.' (it starts every id)")
+        if key == "dataset" and not value:
+            raise SpecError(f"{loc}: must not be empty")
+        return value
+    if isinstance(default, int):
+        if not isinstance(value, int):
+            raise SpecError(f"{loc} = {value!r}: expected an integer")
+    elif isinstance(default, float):
+        if not isinstance(value, (int, float)):
+            raise SpecError(f"{loc} = {value!r}: expected a number")
+        value = float(value)
+        if value != value or value in (float("inf"), float("-inf")):
+            raise SpecError(f"{loc} = {value!r}: expected a finite number")
+    lo, hi, lo_in, hi_in = _RANGES[key]
+    if (value < lo or (value == lo and not lo_in)) or (value > hi or (value == hi and not hi_in)):
+        allowed = f"{'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+        raise SpecError(f"{loc} = {value!r}: must be in {allowed}")
+    return value
+
+
+def _check_seeds(path: Path, value) -> tuple[int, ...]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 <= s < 2**31 for s in value)):
+        raise SpecError(f"{path}: experiment.seeds = {value!r}: expected a non-empty list of integers in [0, 2^31)")
+    if len(set(value)) != len(value):
+        raise SpecError(f"{path}: experiment.seeds = {value!r}: seeds must be distinct")
+    return tuple(value)
+
+
+def load_file(path: str | Path) -> list[ExperimentSpec]:
+    """Expand one spec file into ExperimentSpecs, one per (grid point, seed)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such spec file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read spec file ({e.__class__.__name__}: {e})") from None
+    return parse(text, path)
+
+
+def parse(text: str, path: str | Path = "<spec>") -> list[ExperimentSpec]:
+    path = Path(path)
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise SpecError(f"{path}: not valid TOML ({e})") from None
+    unknown = set(doc) - {"experiment", "grid"}
+    if unknown:
+        raise SpecError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; allowed: [experiment], [grid]")
+    exp = doc.get("experiment")
+    if not isinstance(exp, dict):
+        raise SpecError(f"{path}: missing [experiment] table")
+    grid = doc.get("grid", {})
+    if not isinstance(grid, dict):
+        raise SpecError(f"{path}: grid must be a table, e.g. [grid] lr = [0.001, 0.01]")
+
+    values, seeds = {}, DEFAULT_SEEDS
+    for key, value in exp.items():
+        if key not in _SETTABLE:
+            raise SpecError(f"{path}: unknown key experiment.{key}; allowed: {', '.join(sorted(_SETTABLE))}")
+        if key == "seeds":
+            seeds = _check_seeds(path, value)
+        else:
+            values[key] = _check_value(path, key, value, "experiment.")
+    axes = []
+    for key, options in grid.items():
+        if key not in _SETTABLE or key in ("seeds", "name"):
+            allowed = ", ".join(sorted(k for k in _SETTABLE if k not in ("seeds", "name")))
+            raise SpecError(f"{path}: unknown grid key grid.{key}; allowed: {allowed}")
+        if not isinstance(options, list) or not options:
+            raise SpecError(f"{path}: grid.{key} = {options!r}: expected a non-empty list of values")
+        checked = [_check_value(path, key, v, "grid.") for v in options]
+        if len(set(checked)) != len(checked):
+            raise SpecError(f"{path}: grid.{key} = {options!r}: values must be distinct")
+        axes.append((key, checked))
+
+    sweep = tuple(key for key, _ in axes)
+    specs, seen = [], {}
+    for combo in itertools.product(*(opts for _, opts in axes)):
+        point = dict(values, **dict(zip(sweep, combo, strict=True)))
+        for seed in seeds:
+            spec = ExperimentSpec(**point, seed=seed, sweep=sweep, source=str(path))
+            if spec.run_id in seen:
+                raise SpecError(f"{path}: duplicate experiment id {spec.run_id}")
+            seen[spec.run_id] = spec
+            specs.append(spec)
+    return specs
+
+
+def spec_files(paths: list[str | Path]) -> list[Path]:
+    """Spec files named by paths: a file as is, a directory's *.toml (not recursive), sorted."""
+    files = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            files.extend(sorted(p.glob("*.toml")))
+        elif p.exists() or p.suffix == ".toml":
+            files.append(p)
+        else:
+            raise SpecError(f"{p}: no such spec file or directory")
+    return files
+
+
+def load(paths: list[str | Path]) -> list[ExperimentSpec]:
+    """Every ExperimentSpec from the given files/directories; run ids must be unique across files."""
+    specs, origin = [], {}
+    files = spec_files(paths)
+    if not files:
+        raise SpecError(f"{', '.join(map(str, paths))}: no spec files (*.toml) found")
+    for f in files:
+        for spec in load_file(f):
+            if spec.run_id in origin:
+                raise SpecError(f"{f}: duplicate experiment id {spec.run_id} (also in {origin[spec.run_id]})")
+            origin[spec.run_id] = f
+            specs.append(spec)
+    return specs
+
+
+def override(spec: ExperimentSpec, **changes) -> ExperimentSpec:
+    """Apply command-line overrides (None means keep), validated like the file."""
+    changes = {k: v for k, v in changes.items() if v is not None}
+    for key, value in changes.items():
+        if key in _RANGES or key in _CHOICES or key == "dataset":
+            changes[key] = _check_value(Path("<command line>"), key, value, "--")
+    return dataclasses.replace(spec, **changes)
+
+
+def with_seeds(specs: list[ExperimentSpec], n: int) -> list[ExperimentSpec]:
+    """`--seeds N`: every experiment with seeds 0..N-1 instead of the file's seeds."""
+    if not isinstance(n, int) or n < 1:
+        raise SpecError(f"<command line>: --seeds {n!r}: expected an integer >= 1")
+    out, seen = [], set()
+    for spec in specs:
+        if spec.id not in seen:
+            seen.add(spec.id)
+            out.extend(dataclasses.replace(spec, seed=s) for s in range(n))
+    return out
+
+
+def from_dict(d: dict) -> ExperimentSpec:
+    """Rebuild a spec saved in a result file."""
+    d = {k: v for k, v in d.items() if k in _FIELDS}
+    d["sweep"] = tuple(d.get("sweep", ()))
+    return ExperimentSpec(**d)
+
+
+_TOKEN = re.compile(r"\s*(\(|\)|[\w.\-\[\]]+)")
+
+
+def matches(spec: ExperimentSpec, expr: str) -> bool:
+    """pytest-style `-k` selection over a run id, with `and`, `or`, `not` and parentheses.
+
+    A word that names a loss (`bce`, `ce`) matches the loss exactly: plain substring matching
+    would make `ce` select `bce` runs too. Any other word is a case-insensitive substring of the
+    run id (`lr0.1`, `bs128`, `seed2`, `loss-`...).
+    """
+    words = {"bce": spec.loss == "bce", "ce": spec.loss == "ce"}
+    haystack = spec.run_id.lower()
+    out, pos, text = [], 0, expr.strip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m:
+            raise SpecError(f"<command line>: -k {expr!r}: cannot parse at {text[pos:]!r}")
+        tok, pos = m.group(1), m.end()
+        low = tok.lower()
+        if tok in ("(", ")") or low in ("and", "or", "not"):
+            out.append(low)
+        else:
+            out.append(str(words[low] if low in words else low in haystack))
+    try:
+        return bool(eval(" ".join(out) or "True", {"__builtins__": {}}, {}))  # only True/False/and/or/not/()
+    except SyntaxError:
+        raise SpecError(f"<command line>: -k {expr!r}: not a valid expression") from None

@@ -1,0 +1,291 @@
+"""The one training engine: `fit` trains a spec on a data set; `run` adds the results store.
+
+The data set lives on the device as tensors and batches are `randperm` slices (no DataLoader).
+On CUDA: bf16 autocast and channels_last. The best epoch is chosen on validation; the test split
+is evaluated once, with the weights of that epoch. A non-finite loss stops the run as `diverged`.
+"""
+
+from __future__ import annotations
+
+import copy
+import datetime as dt
+import math
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from cxr import data as data_mod
+from cxr import results
+from cxr.evaluate import evaluate_split, resolve_device
+from cxr.models import build_model
+from cxr.spec import ExperimentSpec
+
+
+@dataclass
+class Fit:
+    status: str  # results.STATUS_OK or STATUS_DIVERGED
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int | None = None
+    model: torch.nn.Module | None = None  # with the best epoch's weights loaded
+    train_seconds: float = 0.0
+    train_images: int = 0
+    error: str | None = None
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)  # also seeds CUDA
+
+
+def make_optimizer(spec: ExperimentSpec, params) -> torch.optim.Optimizer:
+    if spec.optimizer == "adam":
+        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    if spec.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
+
+
+def lr_factor(spec: ExperimentSpec, step: int, steps_per_epoch: int) -> float:
+    """Multiplier of spec.lr at optimizer step `step` (0-based) under the spec's schedule."""
+    total = spec.epochs * steps_per_epoch
+    epoch = step / steps_per_epoch
+    warmup = spec.warmup_epochs * steps_per_epoch
+    if spec.schedule == "onecycle":
+        # The shape of torch's OneCycleLR (cosine, 30% up from lr/25, down to lr/1e4), as a pure function.
+        up = max(1.0, 0.3 * total)
+        if step < up:
+            return 1 / 25 + (1 - 1 / 25) * (1 - math.cos(math.pi * step / up)) / 2
+        t = min(1.0, (step - up) / max(1.0, total - up))
+        return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * t)) / 2
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if spec.schedule == "cosine":
+        t = (step - warmup) / max(1.0, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    if spec.schedule == "step":
+        return spec.step_gamma ** int(epoch // spec.step_epochs)
+    return 1.0
+
+
+def augment(x: torch.Tensor, spec: ExperimentSpec, generator: torch.Generator) -> torch.Tensor:
+    """Random affine (shift, rotation, zoom) per image on the device; labels are untouched.
+
+    No flips: a chest radiograph is not left-right symmetric (heart on the left).
+    """
+    if not (spec.augment_shift or spec.augment_rotate or spec.augment_scale):
+        return x
+    n = x.shape[0]
+
+    def uniform(bound: float) -> torch.Tensor:
+        return (torch.rand(n, device=x.device, generator=generator) * 2 - 1) * bound
+
+    angle = uniform(math.radians(spec.augment_rotate))
+    scale = 1 + uniform(spec.augment_scale)
+    shift = torch.stack([uniform(2 * spec.augment_shift), uniform(2 * spec.augment_shift)], 1)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def loss_fn(logits: torch.Tensor, y: torch.Tensor, spec: ExperimentSpec) -> torch.Tensor:
+    if spec.loss == "bce":
+        target = y.float()
+        if spec.label_smoothing:
+            target = target * (1 - spec.label_smoothing) + 0.5 * spec.label_smoothing
+        return F.binary_cross_entropy_with_logits(logits[:, 0], target)
+    return F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
+
+
+def _is_better(spec: ExperimentSpec, value: float, best: float | None) -> bool:
+    if best is None or spec.select == "last":
+        return True
+    return value < best if spec.select == "loss" else value > best
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str = "cpu",
+        progress: bool | None = None) -> Fit:
+    """Train `spec` on `data`; the returned model holds the best epoch's weights."""
+    device = resolve_device(device) if isinstance(device, str) else device
+    seed_everything(spec.seed)
+    model = build_model(spec.model, spec.num_outputs, spec.width).to(device)
+    cuda = device.type == "cuda"
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    x_train = data.train.x.to(device)
+    y_train = data.train.y.to(device)
+    if cuda:
+        x_train = x_train.contiguous(memory_format=torch.channels_last)
+    optimizer = make_optimizer(spec, model.parameters())
+    n = len(y_train)
+    steps_per_epoch = math.ceil(n / spec.batch_size)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(spec, s, steps_per_epoch))
+    generator = torch.Generator(device=device).manual_seed(spec.seed)
+
+    result = Fit(status=results.STATUS_OK)
+    best_value, best_state = None, None
+    show = sys.stderr.isatty() if progress is None else progress
+    bar = tqdm(range(1, spec.epochs + 1), desc=spec.run_id, unit="epoch", disable=not show, leave=False)
+    for epoch in bar:
+        t0 = time.perf_counter()
+        model.train()
+        lr_now = optimizer.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=device)
+        correct = torch.zeros((), device=device, dtype=torch.long)
+        perm = torch.randperm(n, device=device, generator=generator)
+        for i in range(0, n, spec.batch_size):
+            idx = perm[i:i + spec.batch_size]
+            if len(idx) < 2:  # a 1-image batch breaks BatchNorm statistics
+                continue
+            xb, yb = augment(x_train[idx], spec, generator), y_train[idx]
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+                logits = model(xb)
+            loss = loss_fn(logits.float(), yb, spec)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach() * len(idx)
+            pred = (logits[:, 0] > 0).long() if spec.num_outputs == 1 else logits.argmax(1)
+            correct += (pred == yb).sum()
+            result.train_images += len(idx)
+        _sync(device)
+        result.train_seconds += time.perf_counter() - t0
+        train_loss = float(loss_sum) / n
+        row = {"epoch": epoch, "lr": lr_now, "train_loss": train_loss, "train_accuracy": int(correct) / n}
+        if not math.isfinite(train_loss):
+            result.status = results.STATUS_DIVERGED
+            result.error = f"non-finite training loss in epoch {epoch} (lr {spec.lr:g})"
+            result.history.append({**row, "train_loss": None, "seconds": time.perf_counter() - t0})
+            break
+        try:
+            val = evaluate_split(model, data.val.x, data.val.y, device)["metrics"]
+        except FloatingPointError:
+            result.status = results.STATUS_DIVERGED
+            result.error = f"non-finite model outputs on validation in epoch {epoch} (lr {spec.lr:g})"
+            result.history.append({**row, "seconds": time.perf_counter() - t0})
+            break
+        row.update(val_loss=val["loss"], val_accuracy=val["accuracy"], val_auroc=val["auroc"],
+                   seconds=time.perf_counter() - t0)
+        result.history.append(row)
+        value = {"loss": val["loss"], "accuracy": val["accuracy"], "auroc": val["auroc"] or 0.0,
+                 "last": 0.0}[spec.select]
+        if _is_better(spec, value, best_value):
+            best_value, result.best_epoch = value, epoch
+            best_state = copy.deepcopy(model.state_dict())
+        bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val['accuracy']:.3f}")
+    bar.close()
+    if result.status == results.STATUS_OK:
+        model.load_state_dict(best_state)
+        result.model = model
+    return result
+
+
+def _git_commit() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                             text=True, timeout=5)
+        return out.stdout.strip() or None if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(device: torch.device) -> dict:
+    cuda = device.type == "cuda"
+    return {
+        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
+        "cpu": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
+        "hostname": socket.gethostname(), "git_commit": os.environ.get("CXR_GIT_COMMIT") or _git_commit(),
+    }
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or "(no message)"
+    return f"{e.__class__.__name__}: {text[:300]}"
+
+
+def run(spec: ExperimentSpec, out: str | Path = "results", device: str = "auto", *, rerun: bool = False,
+        data: data_mod.Dataset | None = None, progress: bool | None = None) -> dict:
+    """Train and evaluate one run and store it; a stored result with the same spec hash is returned
+    instead (with "cached": True) unless `rerun`. Data errors propagate (they concern every run);
+    any other exception is recorded as status "failed" with a one-line error."""
+    if not rerun:
+        stored = results.find(out, spec) or _reuse_same_recipe(out, spec)
+        if stored is not None:
+            return {**stored, "cached": True}
+    dev = resolve_device(device)
+    data = data if data is not None else data_mod.load(spec.dataset, spec.image_size)
+    record = {
+        "schema_version": results.SCHEMA_VERSION, "id": spec.id, "seed": spec.seed, "spec": spec.to_dict(),
+        "spec_hash": spec.spec_hash(), "status": results.STATUS_FAILED, "error": None, "history": [],
+        "best_epoch": None, "metrics": None, "predictions": None, "timing": None,
+        "environment": {**environment(dev), "started_at": _now()}, "dataset": data.summary(), "weights": None,
+    }
+    try:
+        fitted = fit(spec, data, dev, progress)
+        record.update(status=fitted.status, error=fitted.error, history=fitted.history,
+                      best_epoch=fitted.best_epoch)
+        record["timing"] = {"train_seconds": round(fitted.train_seconds, 3),
+                            "images_per_second": round(fitted.train_images / max(fitted.train_seconds, 1e-9), 1),
+                            "eval_seconds": None}
+        if fitted.status == results.STATUS_OK:
+            t0 = time.perf_counter()
+            val = evaluate_split(fitted.model, data.val.x, data.val.y, dev)
+            test = evaluate_split(fitted.model, data.test.x, data.test.y, dev)  # the one look at test
+            record["timing"]["eval_seconds"] = round(time.perf_counter() - t0, 3)
+            record["metrics"] = {"val": val["metrics"], "test": test["metrics"]}
+            record["predictions"] = test["predictions"]
+            wpath = results.save_weights(results.weights_path(out, spec), fitted.model.state_dict())
+            record["weights"] = wpath.relative_to(Path(out)).as_posix()
+    except (KeyboardInterrupt, data_mod.DataError):
+        raise
+    except Exception as e:  # a crashed run is recorded, and the sweep goes on
+        record.update(status=results.STATUS_FAILED, error=_one_line(e))
+    record["environment"]["finished_at"] = _now()
+    results.write_json(results.run_path(out, spec), record)
+    return record
+
+
+def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec) -> dict | None:
+    """A finished run with the identical recipe and seed stored under another id (e.g. Task A's
+    CE run is Task B's lr 0.001 run): copy it under this id instead of training it again."""
+    want = spec.spec_hash()
+    for path in sorted((Path(out) / "runs").glob(f"*/seed-{spec.seed}.json")):
+        try:
+            other = results.read(path)
+        except results.ResultError:
+            continue
+        if other.get("spec_hash") != want or other.get("status") == results.STATUS_FAILED or other["id"] == spec.id:
+            continue
+        record = {**other, "id": spec.id, "spec": spec.to_dict(), "reused_from": other["id"]}
+        if other.get("weights"):
+            src = Path(out) / other["weights"]
+            if src.exists():
+                dst = results.weights_path(out, spec)
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dst)
+                record["weights"] = dst.relative_to(Path(out)).as_posix()
+        results.write_json(results.run_path(out, spec), record)
+        return record
+    return None

@@ -1,0 +1,227 @@
+"""The training engine: determinism, model selection on validation, divergence, failures, the
+results store (skip, reuse, kill-and-resume), and the recipe options (schedules, augmentation,
+label smoothing)."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from cxr import results, train
+from cxr.spec import ExperimentSpec
+
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = ExperimentSpec(name="t", epochs=3, batch_size=32, width=4)
+
+
+def test_same_spec_and_seed_give_identical_runs_on_cpu(tiny_data):
+    a = train.fit(SPEC, tiny_data, "cpu", progress=False)
+    b = train.fit(SPEC, tiny_data, "cpu", progress=False)
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in a.history]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in b.history]
+    for (k, va), vb in zip(a.model.state_dict().items(), b.model.state_dict().values(), strict=True):
+        assert torch.equal(va, vb), k
+    c = train.fit(replace(SPEC, seed=1), tiny_data, "cpu", progress=False)
+    assert c.history[0]["train_loss"] != a.history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("loss", ["bce", "ce"])
+def test_both_losses_learn_the_toy_task(tiny_data, loss):
+    spec = replace(SPEC, loss=loss, epochs=6, lr=0.01, width=8)
+    fitted = train.fit(spec, tiny_data, "cpu", progress=False)
+    assert fitted.status == "ok"
+    assert fitted.history[-1]["train_loss"] < fitted.history[0]["train_loss"]
+    assert fitted.model.head[-1].out_features == (1 if loss == "bce" else 2)
+
+
+def test_best_epoch_is_chosen_on_validation_and_test_is_touched_once(tiny_data, tmp_path, monkeypatch):
+    seen = []
+    real = train.evaluate_split
+
+    def spy(model, x, y, device):
+        seen.append("test" if x is tiny_data.test.x else "val" if x is tiny_data.val.x else "?")
+        return real(model, x, y, device)
+
+    monkeypatch.setattr(train, "evaluate_split", spy)
+    r = train.run(replace(SPEC, epochs=4), tmp_path, "cpu", data=tiny_data, progress=False)
+    assert seen.count("test") == 1 and seen[-1] == "test" and "?" not in seen
+    losses = [h["val_loss"] for h in r["history"]]
+    assert r["best_epoch"] == 1 + losses.index(min(losses))
+    last = train.fit(replace(SPEC, select="last"), tiny_data, "cpu", progress=False)
+    assert last.best_epoch == SPEC.epochs
+
+
+def test_result_file_holds_the_documented_fields(tiny_data, tmp_path):
+    r = train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
+    stored = results.read(results.run_path(tmp_path, SPEC))
+    assert stored == json.loads(json.dumps(r))
+    for key in ("schema_version", "id", "seed", "spec", "spec_hash", "status", "history", "best_epoch",
+                "metrics", "predictions", "timing", "environment", "weights", "dataset"):
+        assert key in stored, key
+    test = stored["metrics"]["test"]
+    assert test["n"] == 96 and set(test) >= {"accuracy", "auroc", "sensitivity", "specificity", "loss", "ece",
+                                             "confusion"}
+    assert len(stored["predictions"]["y_score"]) == 96
+    assert stored["timing"]["images_per_second"] > 0
+    weights = torch.load(tmp_path / stored["weights"], weights_only=True)
+    assert set(weights) == set(train.build_model("cnn", 2, 4).state_dict())
+
+
+def test_stored_results_are_not_run_again(tiny_data, tmp_path, monkeypatch):
+    first = train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
+    monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("retrained a stored run"))
+    again = train.run(SPEC, tmp_path, "cpu", data=tiny_data)
+    assert again["cached"] and again["metrics"] == first["metrics"]
+    # The identical recipe under another id (Task A's CE run is Task B's lr 0.001 run) is reused.
+    other = replace(SPEC, name="other")
+    reused = train.run(other, tmp_path, "cpu", data=tiny_data)
+    assert reused["reused_from"] == SPEC.id and reused["id"] == other.id
+    assert results.find(tmp_path, other)["metrics"] == first["metrics"]
+    assert (tmp_path / reused["weights"]).exists()
+
+
+def test_changed_spec_is_run_again(tiny_data, tmp_path):
+    train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
+    changed = replace(SPEC, epochs=2)  # same id, different recipe
+    assert results.find(tmp_path, changed) is None
+    assert not train.run(changed, tmp_path, "cpu", data=tiny_data, progress=False).get("cached")
+
+
+def test_non_finite_loss_stops_the_run_as_diverged(tiny_data, tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = train.loss_fn
+
+    def exploding(logits, y, spec):
+        calls["n"] += 1
+        loss = real(logits, y, spec)
+        return loss * float("nan") if calls["n"] > 12 else loss  # epoch 2 of 8 batches per epoch
+
+    monkeypatch.setattr(train, "loss_fn", exploding)
+    r = train.run(replace(SPEC, epochs=4), tmp_path, "cpu", data=tiny_data, progress=False)
+    assert r["status"] == "diverged" and "non-finite" in r["error"]
+    assert len(r["history"]) == 2 and r["metrics"] is None and r["weights"] is None
+    assert results.find(tmp_path, replace(SPEC, epochs=4))["status"] == "diverged"  # stored, not retried
+
+
+def test_crashed_run_is_recorded_as_failed_and_retried(tiny_data, tmp_path, monkeypatch):
+    def boom(*a, **k):
+        raise RuntimeError("CUDA out of memory.\nTried to allocate 2 GiB")
+
+    monkeypatch.setattr(train, "build_model", boom)
+    r = train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
+    assert r["status"] == "failed" and r["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
+    assert results.run_path(tmp_path, SPEC).exists() and results.find(tmp_path, SPEC) is None
+    monkeypatch.undo()
+    assert train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)["status"] == "ok"
+
+
+_SWEEP = """
+import sys
+from dataclasses import replace
+sys.path.insert(0, {root!r}); sys.path.insert(0, {tests!r})
+from conftest import make_split
+from cxr import train
+from cxr.data import Dataset
+from cxr.spec import ExperimentSpec
+data = Dataset(source="tiny", name="tiny", synthetic=True, image_size=28,
+               train=make_split(512, 1), val=make_split(64, 2), test=make_split(96, 3))
+for lr in (0.001, 0.002, 0.003, 0.004, 0.005, 0.006):
+    r = train.run(ExperimentSpec(name="k", lr=lr, epochs=3, width=4), sys.argv[1], "cpu", data=data, progress=False)
+    print(r["id"], "cached" if r.get("cached") else "trained", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_sweep_killed_with_sigkill_resumes_without_loss_or_repeats(tmp_path):
+    script = tmp_path / "sweep.py"
+    script.write_text(_SWEEP.format(root=str(ROOT), tests=str(ROOT / "tests")))
+    out = tmp_path / "results"
+    proc = subprocess.Popen([sys.executable, str(script), str(out)], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while len(list(out.glob("runs/*/seed-0.json"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.parent.name for p in out.glob("runs/*/seed-0.json")}
+    assert 2 <= len(done) < 6, "kill landed too late to test resuming"
+    for p in out.glob("runs/*/seed-0.json"):
+        assert results.read(p)["status"] == "ok"  # every file present is complete
+    second = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, check=True)
+    lines = dict(line.split() for line in second.stdout.splitlines())
+    assert {i for i, how in lines.items() if how == "cached"} == done
+    assert len(lines) == 6 and len(list(out.glob("runs/*/seed-0.json"))) == 6
+
+
+def test_lr_schedules_hit_their_documented_values():
+    spe, epochs = 10, 10
+    f = lambda schedule, step, **kw: train.lr_factor(  # noqa: E731
+        ExperimentSpec(schedule=schedule, epochs=epochs, **kw), step, spe)
+    assert f("none", 57) == 1.0
+    assert f("cosine", 0) == 1.0 and f("cosine", 50) == pytest.approx(0.5) and f("cosine", 100) == pytest.approx(0)
+    assert f("cosine", 0, warmup_epochs=2) == pytest.approx(1 / 20) and f("cosine", 19, warmup_epochs=2) == 1.0
+    assert f("step", 39, step_epochs=4, step_gamma=0.5) == 1.0 and f("step", 40, step_epochs=4, step_gamma=0.5) == 0.5
+    assert f("step", 80, step_epochs=4, step_gamma=0.5) == 0.25
+    assert f("onecycle", 0) == pytest.approx(1 / 25) and f("onecycle", 30) == pytest.approx(1.0)
+    assert f("onecycle", 100) == pytest.approx(1e-4)
+    # and the optimizer really follows it
+    spec = ExperimentSpec(schedule="cosine", epochs=2, lr=0.1)
+    model = torch.nn.Linear(2, 1)
+    opt = train.make_optimizer(spec, model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: train.lr_factor(spec, s, 5))
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+
+
+def test_optimizers_are_built_from_the_spec():
+    params = list(torch.nn.Linear(2, 1).parameters())
+    opt = train.make_optimizer(ExperimentSpec(optimizer="adamw", lr=0.003, weight_decay=0.05), params)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["weight_decay"] == 0.05
+    opt = train.make_optimizer(ExperimentSpec(optimizer="sgd", momentum=0.8), params)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.8
+
+
+def test_augmentation_changes_images_but_not_shapes_and_is_off_by_default():
+    x = torch.rand(8, 1, 28, 28)
+    g = torch.Generator().manual_seed(0)
+    assert train.augment(x, ExperimentSpec(), g) is x
+    spec = ExperimentSpec(augment_shift=0.1, augment_rotate=10, augment_scale=0.1)
+    y = train.augment(x, spec, g)
+    assert y.shape == x.shape and y.dtype == x.dtype and not torch.allclose(x, y)
+    assert 0 <= y.min() and y.max() <= 1  # bilinear with border padding stays in range
+    # a pure shift by 1/28 of the side moves the image one pixel
+    img = torch.zeros(1, 1, 28, 28)
+    img[0, 0, 10:14, 10:14] = 1
+    theta_shift = train.augment(img, ExperimentSpec(augment_shift=1e-9), torch.Generator().manual_seed(1))
+    assert torch.allclose(theta_shift, img, atol=1e-4)
+
+
+def test_label_smoothing_changes_the_loss_for_both_losses():
+    logits2, y = torch.tensor([[-2.0, 2.0], [3.0, -1.0]]), torch.tensor([1, 0])
+    for loss, logits in (("ce", logits2), ("bce", logits2[:, 1:] - logits2[:, :1])):
+        plain = train.loss_fn(logits, y, ExperimentSpec(loss=loss))
+        smooth = train.loss_fn(logits, y, ExperimentSpec(loss=loss, label_smoothing=0.2))
+        assert smooth > plain
+    # BCE smoothing pulls targets toward 0.5: at ls = 1 the target is 0.5 everywhere
+    z = torch.tensor([[0.7]])
+    expected = -(0.5 * math.log(torch.sigmoid(z).item()) + 0.5 * math.log(1 - torch.sigmoid(z).item()))
+    assert train.loss_fn(z, torch.tensor([1]), ExperimentSpec(loss="bce", label_smoothing=0.999999)).item() \
+        == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.cuda
+def test_cuda_run_matches_cpu_roughly(tiny_data, tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    r = train.run(replace(SPEC, epochs=3), tmp_path, "cuda", data=tiny_data, progress=False)
+    assert r["status"] == "ok" and r["environment"]["device"] == "cuda"
+    assert r["metrics"]["test"]["accuracy"] > 0.6
