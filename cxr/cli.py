@@ -135,11 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from cxr.data import DataError
     from cxr.models import WeightsError
+    from cxr.report import ReportError
     from cxr.results import ResultError
 
     try:
         return args.func(args)
-    except (spec_mod.SpecError, DataError, WeightsError, ResultError, ValueError) as e:
+    except (spec_mod.SpecError, DataError, WeightsError, ResultError, ReportError, ValueError) as e:
         print(f"cxr-bench {args.command}: error: {e}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:

@@ -1,0 +1,381 @@
+"""The Markdown report: golden files on fabricated results, figure links, sentences, benchmarks.
+
+Result files are fabricated here with the schema cxr.train writes (cxr.spec for the spec and id,
+cxr.metrics for the metrics, cxr.results.write_json to store them), with fixed dates and commit,
+so the rendered Markdown is byte-stable. Regenerate the golden files after an intended change:
+
+    CXR_UPDATE_GOLDEN=1 python -m pytest tests/test_report.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from cxr import report, results, stats
+from cxr.metrics import binary_metrics
+from cxr.spec import ExperimentSpec
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+UPDATE = os.environ.get("CXR_UPDATE_GOLDEN") == "1"
+
+# (settings, sweep, spec file) of the shipped specs
+TASK_A = tuple({"name": "loss", "loss": v} for v in ("bce", "ce")), ("loss",), "specs/task-a-loss.toml"
+TASK_LR = tuple({"name": "lr", "lr": v} for v in (0.001, 0.01, 0.1)), ("lr",), "specs/task-b-lr.toml"
+TASK_BS = (tuple({"name": "bs", "batch_size": v} for v in (32, 64, 128)), ("batch_size",),
+           "specs/task-b-batch-size.toml")
+
+
+def _y_true(n_test: int) -> np.ndarray:
+    n_normal = round(n_test * 0.375)  # PneumoniaMNIST's test balance: 234 / 624
+    labels = np.r_[np.zeros(n_normal, int), np.ones(n_test - n_normal, int)]
+    return np.random.default_rng(123).permutation(labels)
+
+
+def fabricate(kw: dict, sweep: tuple, source: str, seed: int, *, acc: float = 0.85, status: str = "ok",
+              n_test: int = 60, epochs: int = 4, error: str | None = None, stop_epoch: int = 2,
+              index: int = 0) -> dict:
+    """One result dict as cxr.train.run writes it; numbers are deterministic in (id, seed)."""
+    spec = ExperimentSpec(**kw, epochs=epochs, seed=seed, sweep=sweep, source=source)
+    rng = np.random.default_rng([seed, zlib.crc32(spec.id.encode())])
+    n_hist = {"ok": epochs, "diverged": stop_epoch, "failed": 0}[status]
+    history = []
+    for e in range(1, n_hist + 1):
+        tl = 0.25 + 0.45 * np.exp(-e / 2) + rng.normal(0, 0.01)
+        vl = tl + 0.06 + rng.normal(0, 0.01)
+        history.append({"epoch": e, "lr": spec.lr, "train_loss": round(tl, 4),
+                        "train_accuracy": round(1 - tl / 2, 4), "val_loss": round(vl, 4),
+                        "val_accuracy": round(1 - vl / 2, 4), "val_auroc": round(1 - vl / 4, 4),
+                        "seconds": 1.5})
+    if status == "diverged":
+        history[-1] = {"epoch": stop_epoch, "lr": spec.lr, "train_loss": None, "train_accuracy": 0.5,
+                       "seconds": 1.5}
+    metrics = predictions = best_epoch = None
+    if status == "ok":
+        y = _y_true(n_test)
+        mu = norm.ppf(acc) + rng.normal(0, 0.05)
+        y_score = 1 / (1 + np.exp(-((2 * y - 1) * mu + rng.normal(0, 1, n_test)) * 1.5))
+        y_score = np.round(y_score, 6)
+        test = {**binary_metrics(y, y_score), "loss": round(0.3 + rng.normal(0, 0.01), 4)}
+        metrics = {"val": test, "test": test}
+        predictions = {"y_true": y.tolist(), "y_score": y_score.tolist(),
+                       "y_pred": (y_score > 0.5).astype(int).tolist()}
+        best_epoch = int(epochs - rng.integers(0, 2))
+    minute = 10 + 2 * index
+    n_normal = round(n_test * 0.375)
+    return {
+        "schema_version": 1, "id": spec.id, "seed": seed, "spec": spec.to_dict(),
+        "spec_hash": spec.spec_hash(),
+        "status": status, "error": error, "history": history, "best_epoch": best_epoch,
+        "metrics": metrics, "predictions": predictions,
+        "timing": None if status == "failed" else
+        {"train_seconds": round(6.0 * 32 / spec.batch_size + 0.1 * seed, 3),
+         "images_per_second": round(900.0 * spec.batch_size / 32, 1), "eval_seconds": 0.2},
+        "environment": {"python": "3.11.7", "torch": "2.13.0+cpu", "cuda": None, "device": "cpu",
+                        "device_name": "x86_64", "cpu": "x86_64, 2 cores, 2 torch threads",
+                        "hostname": "fixture",
+                        "git_commit": "abc1234", "started_at": f"2025-03-01T10:{minute:02d}:00+00:00",
+                        "finished_at": f"2025-03-01T10:{minute + 1:02d}:30+00:00"},
+        "dataset": {"source": "synthetic", "name": "synthetic (procedural, not real X-rays)",
+                    "synthetic": True, "image_size": 28,
+                    "splits": {"train": {"n": 400, "normal": 100, "pneumonia": 300},
+                               "val": {"n": 80, "normal": 20, "pneumonia": 60},
+                               "test": {"n": n_test, "normal": n_normal, "pneumonia": n_test - n_normal}}},
+        "weights": None if status != "ok" else f"runs/{spec.id}/seed-{seed}/model_weights.pth",
+    }
+
+
+def write_runs(out: Path, runs: list[dict]) -> Path:
+    for r in runs:
+        results.write_json(out / "runs" / r["id"] / f"seed-{r['seed']}.json", r)
+    return out
+
+
+def full_suite(out: Path, n_test: int = 60, epochs: int = 4) -> Path:
+    """All three comparisons, 3 seeds; lr 0.1 diverges in every seed, one bs 128 run fails."""
+    runs, i = [], 0
+    accs = {("loss", "bce"): 0.86, ("loss", "ce"): 0.84, ("lr", 0.001): 0.86, ("lr", 0.01): 0.80,
+            ("bs", 32): 0.86, ("bs", 64): 0.85, ("bs", 128): 0.80}
+    for settings, sweep, source in (TASK_A, TASK_LR, TASK_BS):
+        for kw in settings:
+            for seed in (0, 1, 2):
+                key = (kw["name"], kw[sweep[0] if sweep[0] in kw else "name"])
+                common = dict(n_test=n_test, epochs=epochs, index=i)
+                if kw.get("lr") == 0.1:
+                    stop = 1 + seed % 2
+                    r = fabricate(kw, sweep, source, seed, status="diverged", stop_epoch=stop,
+                                  error=f"non-finite training loss in epoch {stop} (lr 0.1)", **common)
+                elif kw.get("batch_size") == 128 and seed == 1:
+                    r = fabricate(kw, sweep, source, seed, status="failed",
+                                  error="RuntimeError: out of memory", **common)
+                else:
+                    r = fabricate(kw, sweep, source, seed, acc=accs[key], **common)
+                runs.append(r)
+                i += 1
+    return write_runs(out, runs)
+
+
+def partial_suite(out: Path) -> Path:
+    """Task B learning rate only, one seed, lr 0.1 never run: two tasks and a setting missing."""
+    settings, sweep, source = TASK_LR
+    runs = [fabricate(kw, sweep, source, 0, acc=a, index=i)
+            for i, (kw, a) in enumerate(zip(settings[:2], (0.85, 0.80), strict=True))]
+    return write_runs(out, runs)
+
+
+def diverged_suite(out: Path) -> Path:
+    """Only diverged runs: Task B learning rate 0.1, two seeds."""
+    settings, sweep, source = TASK_LR
+    runs = [fabricate(settings[2], sweep, source, s, status="diverged", stop_epoch=1, index=s,
+                      error="non-finite training loss in epoch 1 (lr 0.1)") for s in (0, 1)]
+    return write_runs(out, runs)
+
+
+def golden(name: str, text: str) -> None:
+    path = FIXTURES / name
+    if UPDATE:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    assert path.exists(), f"{path} missing: run CXR_UPDATE_GOLDEN=1 python -m pytest tests/test_report.py"
+    assert text == path.read_text(encoding="utf-8"), f"{name} changed: diff it, then CXR_UPDATE_GOLDEN=1"
+
+
+# ------------------------------------------------------------------------------ golden files
+
+@pytest.mark.parametrize(("name", "make"), [("report-full.md", full_suite),
+                                            ("report-partial.md", partial_suite),
+                                            ("report-diverged.md", diverged_suite)])
+def test_golden(tmp_path, name, make):
+    out = report.render(make(tmp_path / "results"), figures=False)
+    text = out.read_text(encoding="utf-8")
+    assert out == tmp_path / "results" / "report.md"
+    assert str(tmp_path) not in text and "/work/" not in text  # no absolute paths
+    golden(name, text)
+
+
+def test_full_report_numbers_agree_with_the_runs(tmp_path):
+    text = report.render(full_suite(tmp_path), figures=False).read_text()
+    runs = [r for r in results.load_all(tmp_path) if r["id"] == "loss-bce-lr0.001-bs32"]
+    acc = stats.mean_std_ci([r["metrics"]["test"]["accuracy"] for r in runs], bounds=(0, 1))
+    row = next(line for line in text.splitlines() if line.startswith("| BCE | 3 ok |"))
+    assert f"| {report.pct_ms(acc)} | {report.pct_ci(acc)} |" in row
+    # lr 0.1 diverged in every seed: counted, listed, never averaged in
+    assert "| learning rate 0.1 | 0 ok, 3 diverged | n/a | n/a |" in text
+    assert "- Learning rate 0.1: all 3 runs diverged (stopped in epoch 1, 2, 1), so it has no test metrics." \
+        in text
+    assert "- Batch size 128: 1 of 3 runs failed (seed 1); its row averages the 2 runs that finished." in text
+    assert "| `bs-ce-lr0.001-bs128` | 1 | failed | 0 of 4 | RuntimeError: out of memory |" in text
+    assert "**Warning: synthetic data.**" in text
+    assert "**not run**" not in text and "Missing:" not in text
+    # the 3-way comparisons say how pairs were chosen
+    assert "against the most accurate one (batch size 32), the p-values adjusted with Holm" in text
+
+
+def test_partial_report_says_what_is_missing(tmp_path):
+    text = report.render(partial_suite(tmp_path), figures=False).read_text()
+    assert "- Task A: BCE vs CE: **not run**" in text
+    assert "- Task B: batch size: **not run**" in text
+    assert "**Missing:** Not run: learning rate 0.1 (the course's grid is 0.001, 0.01, 0.1)." in text
+    assert "a standard deviation and a 95% interval need two seeds, so they show as n/a." in text
+    assert "| learning rate 0.001 | 1 ok |" in text and "± n/a | n/a |" in text
+    # one seed: McNemar and the image bootstrap still run, and say what they cover
+    assert "With one seed the interval covers the sampling of test images only" in text
+
+
+def test_missing_seed_is_reported(tmp_path):
+    settings, sweep, source = TASK_A
+    runs = [fabricate(settings[0], sweep, source, s) for s in (0, 1)]
+    runs.append(fabricate(settings[1], sweep, source, 0))
+    text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
+    assert "**Missing:** CE has no result for seed 1 (other settings have seeds 0, 1)." in text
+    assert re.search(r"\| (BCE − CE|CE − BCE) \| 0 \|", text)  # paired on the shared seed only
+
+
+def test_reused_runs_are_noted_and_not_timed_twice(tmp_path):
+    settings, sweep, source = TASK_LR
+    runs = [fabricate(settings[0], sweep, source, 0), fabricate(settings[1], sweep, source, 0)]
+    runs[1]["reused_from"] = "loss-ce-lr0.01-bs32"  # train.py copies a run with the same recipe
+    text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
+    assert "| Runs | 2: 2 ok, 0 diverged, 0 failed; 1 reused the stored result of an identical run" in text
+    assert "| Total time | 6.2 s of training and evaluation over 1 run;" in text  # 6.0 s + 0.2 s eval
+    assert "same recipe as `loss-ce-lr0.01-bs32`: its result reused |" in text
+
+
+def test_empty_and_absent_results_dir(tmp_path):
+    text = report.render(tmp_path, figures=False).read_text()
+    assert "**No results.**" in text and text.count("**not run**") == 3
+    with pytest.raises(report.ReportError, match="no such results directory"):
+        report.render(tmp_path / "nope")
+
+
+def test_different_test_sets_get_no_paired_test(tmp_path):
+    settings, sweep, source = TASK_A
+    runs = [fabricate(settings[0], sweep, source, 0, n_test=60),
+            fabricate(settings[1], sweep, source, 0, n_test=40)]
+    text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
+    assert "No paired test: the runs were not evaluated on the same test images" in text
+
+
+# ---------------------------------------------------------------------------------- figures
+
+def test_every_linked_figure_exists(tmp_path):
+    results_dir = full_suite(tmp_path / "results", n_test=120, epochs=3)
+    out = report.render(results_dir, tmp_path / "site" / "report.md")
+    text = out.read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    # 3 comparisons x (curves, ROC, accuracy)
+    assert len(links) == 9 and len(set(links)) == 9
+    for link in links:
+        assert not Path(link).is_absolute() and link.startswith("figures/")
+        png = out.parent / link
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", link
+    assert sorted(p.name for p in (out.parent / "figures").iterdir()) == sorted(Path(x).name for x in links)
+
+
+def test_other_comparisons_two_keys_and_no_sweep(tmp_path):
+    sweep, source = ("lr", "batch_size"), "specs/grid.toml"
+    runs = [fabricate({"name": "grid", "lr": lr, "batch_size": bs}, sweep, source, 0, n_test=40, epochs=2)
+            for lr in (0.001, 0.01) for bs in (32, 64)]
+    runs.append(fabricate({"name": "single"}, (), "specs/single.toml", 0, n_test=40, epochs=2))
+    out = report.render(write_runs(tmp_path, runs))
+    text = out.read_text()
+    assert "## Other comparisons" in text
+    assert "- Other: `grid`, 4 settings, 4 runs (4 ok)." in text
+    assert "| learning rate 0.01, batch size 64 | 1 ok |" in text
+    assert "| single-ce-lr0.001-bs32 | 1 ok |" in text and "No paired test: one setting only" in text
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert sorted(links) == [f"figures/grid-lr-batch_size-{k}.png" for k in ("accuracy", "curves", "roc")] + \
+        [f"figures/single-single-{k}.png" for k in ("curves", "roc")]  # one setting: no accuracy plot
+    assert all((out.parent / link).is_file() for link in links)
+
+
+# -------------------------------------------------------------------------------- sentences
+
+BOOT = {"diff": 0.004, "ci_low": -0.006, "ci_high": 0.014, "p_value": 0.61, "n_boot": 2000, "n_seeds": 3,
+        "n_images": 624}
+
+
+def test_pair_sentence_no_evidence_when_p_at_least_alpha():
+    s = report.pair_sentence("CE", "BCE", BOOT, 0.61)
+    assert s == ("CE and BCE differ by 0.40 points of test accuracy (CE higher; 95% CI −0.60 to 1.40 points; "
+                 "paired bootstrap, p = 0.610): no evidence of a difference at n = 3 seeds, 624 test images.")
+    assert "no evidence of a difference" in report.pair_sentence("CE", "BCE", BOOT, 0.05)
+
+
+def test_pair_sentence_evidence_when_p_below_alpha():
+    boot = {**BOOT, "diff": -0.02, "ci_low": -0.03, "ci_high": -0.01, "p_value": 0.0005}
+    s = report.pair_sentence("CE", "BCE", boot, 0.0005)
+    assert s.startswith("BCE is more accurate than CE by 2.00 points of test accuracy "
+                        "(95% CI 1.00 to 3.00 points")
+    assert "p < 0.001" in s and "evidence of a difference at the 5% level" in s and "no evidence" not in s
+    assert "evidence of a difference at the 5% level" in report.pair_sentence("CE", "BCE", boot, 0.0499)
+
+
+def test_pair_sentence_names_holm_and_single_seed():
+    s = report.pair_sentence("A", "B", {**BOOT, "n_seeds": 1}, 0.2, n_tests=2)
+    assert "after Holm's adjustment for 2 tests" in s and "n = 1 seed," in s and "With one seed" in s
+    assert "Holm" not in report.pair_sentence("A", "B", BOOT, 0.2)
+
+
+def test_mcnemar_sentence_counts():
+    rows = [{"seed": 0, "p_value": 0.01}, {"seed": 1, "p_value": 0.2}, {"seed": 2, "p_value": 0.04}]
+    assert report.mcnemar_sentence(rows).endswith("p < 0.05 for 2 of 3 seeds (seeds 0, 2).")
+    assert report.mcnemar_sentence(rows[1:2]).endswith("p ≥ 0.05 for the one seed.")
+    assert report.mcnemar_sentence(rows[1:]).endswith("p < 0.05 for 1 of 2 seeds (seed 2).")
+
+
+def _setting(label, accs, aurocs=None, statuses=None, values=(0.0,)):
+    statuses = statuses or ["ok"] * len(accs)
+    runs = tuple({"seed": i, "status": st, "history": [{}] * 2} for i, st in enumerate(statuses))
+    ok = tuple(r for r in runs if r["status"] == "ok")
+    none = stats.mean_std_ci([])
+    return report.Setting(values=values, label=label, runs=runs, ok=ok, accuracy=stats.mean_std_ci(accs),
+                          auroc=stats.mean_std_ci(aurocs or [0.9] * len(accs)), sensitivity=none,
+                          specificity=none, train_loss=none, train_seconds=none, images_per_second=none,
+                          best_epochs="n/a", n_diverged=statuses.count("diverged"),
+                          n_failed=statuses.count("failed"))
+
+
+def test_best_sentences():
+    a, b = _setting("BCE", [0.8, 0.82], [0.95, 0.95]), _setting("CE", [0.85, 0.85], [0.90, 0.90])
+    assert report.best_sentences([a, b]) == [
+        "Highest mean test accuracy: CE, 85.00% ± 0.00 over 2 seeds.",
+        "The highest mean AUROC is BCE's (0.950), not the most accurate setting's: accuracy depends on the "
+        "0.5 threshold, AUROC does not."]
+    tie = report.best_sentences([_setting("A", [0.8]), _setting("B", [0.8])])
+    assert tie == ["A and B tie for the highest mean test accuracy, 80.00%."]
+    gone = _setting("lr 0.1", [], statuses=["diverged"] * 3)
+    assert report.best_sentences([gone]) == [
+        "No setting has a finished run, so there are no test metrics to compare."]
+    assert report.best_sentences([a, gone]) == [
+        "Only BCE has finished runs; the other settings have no test metrics."]
+
+
+def test_status_and_trend_sentences():
+    gone = _setting("learning rate 0.1", [], statuses=["diverged"] * 3)
+    assert report.status_sentences(gone) == [
+        "learning rate 0.1: all 3 runs diverged (stopped in epoch 2, 2, 2), so it has no test metrics."]
+    mixed = _setting("bs 128", [0.8], statuses=["diverged", "ok", "failed"])
+    assert report.status_sentences(mixed) == [
+        "bs 128: 1 of 3 runs diverged (seed 0) and 1 of 3 runs failed (seed 2); its row averages the 1 run "
+        "that finished."]
+    assert report.status_sentences(_setting("x", [], statuses=["failed"] * 2)) == [
+        "x: both runs failed, so it has no test metrics."]
+    assert report.status_sentences(_setting("ok", [0.8])) == []
+    falling = [_setting(f"lr {v}", [a], values=(v,)) for v, a in ((0.1, 0.6), (0.001, 0.9), (0.01, 0.8))]
+    assert report.trend_sentence("lr", falling) == [
+        "Mean test accuracy falls as learning rate grows: 90.00% (0.001), 80.00% (0.01), 60.00% (0.1)."]
+    bumpy = [_setting("", [a], values=(v,)) for v, a in ((32, 0.8), (64, 0.9), (128, 0.85))]
+    assert report.trend_sentence("batch_size", bumpy)[0].startswith("Mean test accuracy is not monotonic")
+    assert report.trend_sentence("lr", falling[:2]) == []
+
+
+def test_baseline_sentence_only_at_or_below_majority():
+    test_set = {"n": 624, "normal": 234, "pneumonia": 390}
+    low, high = _setting("lr 0.1", [0.625]), _setting("lr 0.001", [0.9])
+    assert report.baseline_sentences([low, high], test_set) == [
+        "lr 0.1: mean test accuracy 62.50% is no better than always predicting pneumonia (62.50%)."]
+    assert report.baseline_sentences([high], None) == []
+
+
+def test_formatting_filters():
+    s = stats.mean_std_ci([0.87, 0.88, 0.86])
+    assert report.pct(0.87662) == "87.66%" and report.pct(None) == "n/a"
+    assert report.pct_ms(s) == "87.00 ± 1.00" and report.pct_ci(s) == "[84.52, 89.48]"
+    one = stats.mean_std_ci([0.5])
+    assert report.pct_ms(one) == "50.00 ± n/a" and report.pct_ci(one) == "n/a"
+    assert report.pval(0.0004) == "< 0.001" and report.pval(0.61) == "0.610"
+    assert report.pts(0.004) == "+0.40" and report.pts(-0.004) == "−0.40"
+    assert report.duration(42) == "42.0 s" and report.duration(3900) == "1 h 05 min"
+
+
+# ------------------------------------------------------------------------------- benchmarks
+
+def test_benchmark_timings_table(tmp_path):
+    bench = {"machine_info": {"cpu": {"brand_raw": "Fixture CPU"}, "python_version": "3.11.7"},
+             "datetime": "2025-03-01T11:00:00", "version": "5.1.0",
+             "benchmarks": [{"name": "test_run[loss-bce-lr0.001-bs32-seed0]",
+                             "stats": {"mean": 12.34, "rounds": 1, "min": 12.34, "max": 12.34},
+                             "extra_info": {"status": "ok", "train_seconds": 11.5,
+                                            "images_per_second": 1234.5, "history": [1, 2]}}]}
+    path = tmp_path / "bench.json"
+    path.write_text(json.dumps(bench))
+    out = report.render(partial_suite(tmp_path / "results"), benchmark_json=path, figures=False)
+    text = out.read_text()
+    assert "From `bench.json`, measured 2025-03-01T11:00:00 on Fixture CPU, Python 3.11.7." in text
+    assert "| Benchmark | Rounds | Wall time, s | status | train_seconds | images_per_second |" in text
+    assert "| `test_run[loss-bce-lr0.001-bs32-seed0]` | 1 | 12.3 | ok | 11.5 | 1,234 |" in text
+    path.write_text("{}")
+    with pytest.raises(report.ReportError, match=r"bench.json: not a pytest-benchmark JSON file"):
+        report.render(tmp_path / "results", benchmark_json=path, figures=False)
+
+
+def test_templates_dir_holds_the_template():
+    assert (report.templates_dir() / "report.md.j2").is_file()
