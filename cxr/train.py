@@ -217,7 +217,7 @@ def environment(device: torch.device) -> dict:
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
 def _one_line(e: BaseException) -> str:

