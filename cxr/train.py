@@ -40,17 +40,24 @@ class Fit:
     train_seconds: float = 0.0
     train_images: int = 0
     error: str | None = None
+    setup_seconds: float = 0.0  # CUDA graph capture etc., outside train_seconds
+    cuda_graph: bool = False
+    capture_error: str | None = None
 
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds CUDA
 
 
-def make_optimizer(spec: ExperimentSpec, params) -> torch.optim.Optimizer:
-    if spec.optimizer == "adam":
-        return torch.optim.Adam(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    if spec.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+def make_optimizer(spec: ExperimentSpec, params, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """The spec's optimizer. On CUDA, Adam/AdamW are capturable with the lr in a device tensor,
+    so that a CUDA graph of the training step can replay them (see TrainStep)."""
+    if spec.optimizer in ("adam", "adamw"):
+        cls = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.AdamW
+        if device is not None and device.type == "cuda":
+            return cls(params, lr=torch.tensor(spec.lr, device=device), weight_decay=spec.weight_decay,
+                       capturable=True)
+        return cls(params, lr=spec.lr, weight_decay=spec.weight_decay)
     return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
 
 
@@ -117,6 +124,92 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+class TrainStep:
+    """One optimizer step on the batch x[idx], with running sums of loss and correct predictions.
+
+    On CUDA (Adam/AdamW, no augmentation) the whole step, gather, forward, loss, backward and
+    optimizer, is captured once as a CUDA graph and replayed: at the course's batch of 32 a step
+    of this small CNN is ~100 kernel launches of a few microseconds each, so launching, not
+    arithmetic, would set the pace. Anything else (CPU, a short last batch) runs eagerly.
+    Set CXR_CUDA_GRAPHS=0 to turn graphs off.
+    """
+
+    def __init__(self, model, optimizer, spec: ExperimentSpec, x, y, generator, device: torch.device):
+        self.model, self.optimizer, self.spec, self.x, self.y, self.generator = model, optimizer, spec, x, y, generator
+        self.cuda = device.type == "cuda"
+        self.loss_sum = torch.zeros((), device=device)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.graph, self.static_idx = None, None
+        self.capture_error = None
+        if (self.cuda and spec.optimizer in ("adam", "adamw") and not _augmenting(spec)
+                and os.environ.get("CXR_CUDA_GRAPHS", "1") != "0" and len(y) >= spec.batch_size):
+            try:
+                self._capture()
+            except Exception as e:  # unsupported op or driver: train eagerly, say why
+                self.graph, self.capture_error = None, _one_line(e)
+
+    def _body(self, idx) -> None:
+        xb, yb = augment(self.x[idx], self.spec, self.generator), self.y[idx]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda, cache_enabled=False):
+            logits = self.model(xb)
+        loss = loss_fn(logits.float(), yb, self.spec)
+        loss.backward()
+        self.optimizer.step()
+        self.loss_sum += loss.detach() * len(yb)
+        pred = (logits[:, 0] > 0).long() if self.spec.num_outputs == 1 else logits.argmax(1)
+        self.correct += (pred == yb).sum()
+
+    def __call__(self, idx: torch.Tensor) -> None:
+        if self.graph is not None and len(idx) == len(self.static_idx):
+            self.static_idx.copy_(idx)
+            self.graph.replay()
+        else:
+            # graph mode keeps its gradient buffers (the graph reads them), so zero in place
+            self.optimizer.zero_grad(set_to_none=self.graph is None)
+            self._body(idx)
+
+    def reset(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def _capture(self) -> None:
+        snapshot = {k: v.clone() for k, v in self.model.state_dict().items()}
+        self.static_idx = torch.arange(self.spec.batch_size, device=self.y.device)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm-up steps, as torch.cuda.graph requires
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._body(self.static_idx)
+        torch.cuda.current_stream().wait_stream(side)
+        self.optimizer.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._body(self.static_idx)
+        # Undo the warm-up steps: weights, BatchNorm statistics, Adam's moments and step count.
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(snapshot[k])
+            for state in self.optimizer.state.values():
+                for v in state.values():
+                    if isinstance(v, torch.Tensor):
+                        v.zero_()
+        self.reset()
+        self.graph = graph
+
+
+def _augmenting(spec: ExperimentSpec) -> bool:
+    return bool(spec.augment_shift or spec.augment_rotate or spec.augment_scale)
+
+
+def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        if isinstance(group["lr"], torch.Tensor):
+            group["lr"].fill_(lr)  # a captured graph reads the lr from this tensor
+        else:
+            group["lr"] = lr
+
+
 def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str = "cpu",
         progress: bool | None = None) -> Fit:
     """Train `spec` on `data`; the returned model holds the best epoch's weights."""
@@ -125,44 +218,44 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
     model = build_model(spec.model, spec.num_outputs, spec.width).to(device)
     cuda = device.type == "cuda"
     if cuda:
+        torch.backends.cudnn.benchmark = True
         model = model.to(memory_format=torch.channels_last)
     x_train = data.train.x.to(device)
     y_train = data.train.y.to(device)
     if cuda:
         x_train = x_train.contiguous(memory_format=torch.channels_last)
-    optimizer = make_optimizer(spec, model.parameters())
+    optimizer = make_optimizer(spec, model.parameters(), device)
     n = len(y_train)
     steps_per_epoch = math.ceil(n / spec.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(spec, s, steps_per_epoch))
     generator = torch.Generator(device=device).manual_seed(spec.seed)
 
     result = Fit(status=results.STATUS_OK)
+    t_setup = time.perf_counter()
+    step = TrainStep(model, optimizer, spec, x_train, y_train, generator, device)
+    _sync(device)
+    result.setup_seconds = time.perf_counter() - t_setup
+    result.cuda_graph = step.graph is not None
+    result.capture_error = step.capture_error
     best_value, best_state = None, None
     show = sys.stderr.isatty() if progress is None else progress
     bar = tqdm(range(1, spec.epochs + 1), desc=spec.run_id, unit="epoch", disable=not show, leave=False)
+    n_step = 0
     for epoch in bar:
         t0 = time.perf_counter()
         model.train()
-        lr_now = optimizer.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
+        lr_now = spec.lr * lr_factor(spec, n_step, steps_per_epoch)
+        step.reset()
         perm = torch.randperm(n, device=device, generator=generator)
         for i in range(0, n, spec.batch_size):
             idx = perm[i:i + spec.batch_size]
             if len(idx) < 2:  # a 1-image batch breaks BatchNorm statistics
                 continue
-            xb, yb = augment(x_train[idx], spec, generator), y_train[idx]
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                logits = model(xb)
-            loss = loss_fn(logits.float(), yb, spec)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            loss_sum += loss.detach() * len(idx)
-            pred = (logits[:, 0] > 0).long() if spec.num_outputs == 1 else logits.argmax(1)
-            correct += (pred == yb).sum()
+            if spec.schedule != "none" or spec.warmup_epochs:
+                _set_lr(optimizer, spec.lr * lr_factor(spec, n_step, steps_per_epoch))
+            step(idx)
+            n_step += 1
             result.train_images += len(idx)
+        loss_sum, correct = step.loss_sum, step.correct
         _sync(device)
         result.train_seconds += time.perf_counter() - t0
         train_loss = float(loss_sum) / n
@@ -248,7 +341,10 @@ def run(spec: ExperimentSpec, out: str | Path = "results", device: str = "auto",
                       best_epoch=fitted.best_epoch)
         record["timing"] = {"train_seconds": round(fitted.train_seconds, 3),
                             "images_per_second": round(fitted.train_images / max(fitted.train_seconds, 1e-9), 1),
-                            "eval_seconds": None}
+                            "eval_seconds": None, "setup_seconds": round(fitted.setup_seconds, 3),
+                            "cuda_graph": fitted.cuda_graph}
+        if fitted.capture_error:
+            record["timing"]["cuda_graph_error"] = fitted.capture_error
         if fitted.status == results.STATUS_OK:
             t0 = time.perf_counter()
             val = evaluate_split(fitted.model, data.val.x, data.val.y, dev)

@@ -225,3 +225,17 @@ def test_cuda_run_matches_cpu_roughly(tiny_data, tmp_path):
     r = train.run(replace(SPEC, epochs=3), tmp_path, "cuda", data=tiny_data, progress=False)
     assert r["status"] == "ok" and r["environment"]["device"] == "cuda"
     assert r["metrics"]["test"]["accuracy"] > 0.6
+
+
+@pytest.mark.cuda
+def test_cuda_graph_step_trains_like_the_eager_step(tiny_data, monkeypatch):
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    spec = replace(SPEC, epochs=3, schedule="cosine")
+    graphed = train.fit(spec, tiny_data, "cuda", progress=False)
+    monkeypatch.setenv("CXR_CUDA_GRAPHS", "0")
+    eager = train.fit(spec, tiny_data, "cuda", progress=False)
+    assert graphed.cuda_graph and graphed.capture_error is None and not eager.cuda_graph
+    for g, e in zip(graphed.history, eager.history, strict=True):
+        assert g["lr"] == e["lr"]
+        assert g["train_loss"] == pytest.approx(e["train_loss"], rel=0.05)
