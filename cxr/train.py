@@ -177,10 +177,11 @@ class TrainStep:
         self.static_idx = torch.arange(self.spec.batch_size, device=self.y.device)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
+        rest = len(self.y) % self.spec.batch_size  # the eager last batch: tune its shape here, not in epoch 1
         with torch.cuda.stream(side):  # warm-up steps, as torch.cuda.graph requires
-            for _ in range(3):
+            for idx in [self.static_idx] * 3 + ([self.static_idx[:rest]] if rest >= 2 else []):
                 self.optimizer.zero_grad(set_to_none=True)
-                self._body(self.static_idx)
+                self._body(idx)
         torch.cuda.current_stream().wait_stream(side)
         self.optimizer.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
@@ -222,12 +223,15 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
         model = model.to(memory_format=torch.channels_last)
     x_train = data.train.x.to(device)
     y_train = data.train.y.to(device)
+    x_val, y_val = data.val.x.to(device), data.val.y.to(device)  # validated every epoch: keep it there too
     if cuda:
         x_train = x_train.contiguous(memory_format=torch.channels_last)
     optimizer = make_optimizer(spec, model.parameters(), device)
     n = len(y_train)
     steps_per_epoch = math.ceil(n / spec.batch_size)
     generator = torch.Generator(device=device).manual_seed(spec.seed)
+    ema = _ema_model(model, spec.ema) if spec.ema else None
+    evaluated = ema.module if ema is not None else model  # what is validated, selected and returned
 
     result = Fit(status=results.STATUS_OK)
     t_setup = time.perf_counter()
@@ -253,6 +257,8 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
             if spec.schedule != "none" or spec.warmup_epochs:
                 _set_lr(optimizer, spec.lr * lr_factor(spec, n_step, steps_per_epoch))
             step(idx)
+            if ema is not None:
+                ema.update_parameters(model)
             n_step += 1
             result.train_images += len(idx)
         loss_sum, correct = step.loss_sum, step.correct
@@ -266,7 +272,7 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
             result.history.append({**row, "train_loss": None, "seconds": time.perf_counter() - t0})
             break
         try:
-            val = evaluate_split(model, data.val.x, data.val.y, device)["metrics"]
+            val = evaluate_split(evaluated, x_val, y_val, device)["metrics"]
         except FloatingPointError:
             result.status = results.STATUS_DIVERGED
             result.error = f"non-finite model outputs on validation in epoch {epoch} (lr {spec.lr:g})"
@@ -279,13 +285,19 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
                  "last": 0.0}[spec.select]
         if _is_better(spec, value, best_value):
             best_value, result.best_epoch = value, epoch
-            best_state = copy.deepcopy(model.state_dict())
+            best_state = copy.deepcopy(evaluated.state_dict())
         bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val['accuracy']:.3f}")
     bar.close()
     if result.status == results.STATUS_OK:
-        model.load_state_dict(best_state)
-        result.model = model
+        evaluated.load_state_dict(best_state)
+        result.model = evaluated
     return result
+
+
+def _ema_model(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """Exponential moving average of the weights and of the BatchNorm statistics (torch's swa_utils)."""
+    return torch.optim.swa_utils.AveragedModel(
+        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _git_commit() -> str | None:

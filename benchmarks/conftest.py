@@ -1,0 +1,251 @@
+"""The pytest-driven benchmark runner: every run that the spec files describe is one benchmark case.
+
+    pytest benchmarks                                  # every run of specs/*.toml, results in results/
+    pytest benchmarks -k ce --epochs 1 --seeds 1       # the CE runs, one epoch, seed 0 only
+    pytest benchmarks -m task_lr --benchmark-json=b.json
+    pytest benchmarks/test_throughput.py               # the engine vs the course's DataLoader loop
+
+Cases. One per (experiment, seed), with the run id as its pytest id, e.g.
+`test_experiment[loss-ce-lr0.001-bs32-seed0]`. Each goes through `cxr.train.run`, the engine of
+`cxr-bench run`, into the same results store (--out, default results/): a run already stored with
+the same spec hash is reported from the store (extra_info "cached": true), not trained again,
+unless --rerun. --specs, --data, --epochs, --seeds and --device work as in `cxr-bench run`.
+
+Selecting with -k. pytest's -k is a case-insensitive substring match over a case's names and
+markers, and "ce" is inside "bce": plain pytest runs the BCE cases for `-k ce`. Here the words
+`bce` and `ce` name a loss: on a case under benchmarks/ such a word is true exactly when the case
+trains with that loss (it carries the marker of that name; the throughput cases carry none).
+Every other word keeps pytest's meaning, and the grammar (and, or, not, parentheses) is pytest's
+own. So `-k ce`, `-k bce`, `-k lr0.1`, `-k bs128`, `-k "ce and not lr0.1"` select the runs that
+`cxr-bench run -k` selects (cxr.spec.matches), and `-k throughput` the throughput cases; nor can
+another name on a case's chain that happens to hold "ce" (a folder named science, a spec named
+trace) pull cases in, since a loss word is never matched as a substring there. How: a
+tryfirst pytest_collection_modifyitems evaluates -k with pytest's Expression and KeywordMatcher
+(the code of pytest's deselect_by_keyword, plus the loss rule), reports what it deselects through
+pytest_deselected, and then clears the option, so that pytest's substring pass, which runs after
+it, does not filter again. Cases outside benchmarks/ (`pytest tests benchmarks -k ...`) are
+matched exactly as pytest would. An expression pytest cannot parse is left to pytest's error.
+
+Markers (registered here, so --strict-markers passes; for -m): `bce` / `ce` (the loss),
+`task_<name>` (the spec's name, e.g. task_lr) and `sweep_<key>` (each swept key, e.g.
+sweep_batch_size).
+
+Outcomes. A run that trained (status ok) or diverged passes: the suite measures, and the status is
+in extra_info. A run that crashed fails its case with its one-line error, bad data fails with the
+DataError's message; the other cases go on. Timing: benchmark.pedantic(rounds=1, iterations=1)
+around the run, which synchronizes CUDA before it returns; loading the data (once per process,
+cxr.data caches it) is pedantic's untimed setup. For a case served from the store the wall time
+is that of reading it; extra_info keeps the stored run's own train_seconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from _pytest.mark import KeywordMatcher  # pytest's -k matcher: used as is, only the loss words differ
+from _pytest.mark.expression import Expression
+
+from cxr import spec as spec_mod
+from cxr.evaluate import resolve_device
+
+BENCHMARKS = Path(__file__).resolve().parent
+REPO = BENCHMARKS.parent
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The runner's command-line settings, resolved once per session."""
+
+    specs: tuple[spec_mod.ExperimentSpec, ...]  # after --seeds, --data and --epochs
+    spec_paths: tuple[Path, ...]
+    out: Path
+    device: torch.device
+    rerun: bool
+    throughput_images: int | None  # None: the default of test_throughput.py
+
+
+SETTINGS = pytest.StashKey[Settings]()
+EXPERIMENT_ROWS = pytest.StashKey[list]()  # one dict per experiment case, for the terminal summary
+THROUGHPUT_ROWS = pytest.StashKey[list]()  # one dict per throughput case
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("cxr-bench", "cxr-bench runner (pytest benchmarks)")
+    group.addoption("--specs", action="append", metavar="PATH",
+                    help="spec file or directory, repeatable (default: the checkout's specs/)")
+    group.addoption("--data", metavar="SOURCE",
+                    help="data of every run: synthetic, npz:PATH, npy:DIR, folder:DIR, pneumoniamnist[:N]")
+    group.addoption("--epochs", type=int, metavar="N", help="override every spec's epochs")
+    group.addoption("--seeds", type=int, metavar="N", help="run seeds 0..N-1 instead of the specs' seeds")
+    group.addoption("--out", default="results", metavar="DIR", help="results directory (default: results)")
+    group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="training device (default: auto, the GPU when there is one)")
+    group.addoption("--rerun", action="store_true", help="train again even where a result is stored")
+    group.addoption("--throughput-images", type=int, metavar="N",
+                    help="images per timed throughput pass (default: 2048 on CPU, 16384 on CUDA)")
+
+
+def _settings(config: pytest.Config) -> Settings:
+    here = config.invocation_params.dir
+    paths = tuple(here / p for p in config.getoption("specs") or [REPO / "specs"])
+    seeds, images = config.getoption("seeds"), config.getoption("throughput_images")
+    try:
+        specs = spec_mod.load(list(paths))
+        if seeds is not None:
+            specs = spec_mod.with_seeds(specs, seeds)
+        specs = [spec_mod.override(s, dataset=config.getoption("data"), epochs=config.getoption("epochs"))
+                 for s in specs]
+        device = resolve_device(config.getoption("device"))
+    except ValueError as e:  # SpecError is one
+        raise pytest.UsageError(str(e)) from None
+    if images is not None and images < 2:
+        raise pytest.UsageError(f"--throughput-images {images}: expected an integer >= 2")
+    out = here / config.getoption("out")
+    return Settings(tuple(specs), paths, out, device, config.getoption("rerun"), images)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    for loss in spec_mod.LOSSES:
+        config.addinivalue_line("markers", f"{loss}: a run trained with the {loss.upper()} loss "
+                                           f"(-k {loss} selects exactly these, see benchmarks/conftest.py)")
+    if config.getoption("help"):
+        return  # --help works even with broken spec files
+    settings = _settings(config)
+    config.stash[SETTINGS] = settings
+    config.stash[EXPERIMENT_ROWS] = []
+    config.stash[THROUGHPUT_ROWS] = []
+    for name in sorted({s.name for s in settings.specs}):
+        config.addinivalue_line("markers", f"task_{name}: runs of the spec named {name!r}")
+    for key in sorted({k for s in settings.specs for k in s.sweep}):
+        config.addinivalue_line("markers", f"sweep_{key}: runs of a spec that sweeps {key}")
+
+
+def pytest_report_header(config: pytest.Config) -> str | None:
+    s = config.stash.get(SETTINGS, None)
+    if s is None:
+        return None
+    where = ", ".join(_shown(p, config) for p in s.spec_paths)
+    return (f"cxr-bench: {len(s.specs)} runs from {where} -> {_shown(s.out, config)} on {s.device}"
+            f"{' (--rerun)' if s.rerun else ''}; -k bce / -k ce match the loss exactly")
+
+
+def _shown(path: Path, config: pytest.Config) -> str:
+    try:
+        return str(path.relative_to(config.invocation_params.dir)) or "."
+    except ValueError:
+        return str(path)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "spec" in metafunc.fixturenames:
+        specs = metafunc.config.stash[SETTINGS].specs
+        metafunc.parametrize("spec", [pytest.param(s, id=s.run_id, marks=_marks(s)) for s in specs])
+
+
+def _marks(spec: spec_mod.ExperimentSpec) -> list[pytest.MarkDecorator]:
+    return [getattr(pytest.mark, spec.loss), getattr(pytest.mark, f"task_{spec.name}"),
+            *(getattr(pytest.mark, f"sweep_{key}") for key in spec.sweep)]
+
+
+# ----------------------------------------------------------------------------------------- -k
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    text = config.option.keyword.lstrip()
+    if not text:
+        return
+    try:
+        expr = Expression.compile(text)
+    except SyntaxError:
+        return  # pytest's own -k pass reports the error
+    remaining, deselected = [], []
+    for item in items:
+        (remaining if expr.evaluate(_matcher(item)) else deselected).append(item)
+    config.option.keyword = ""  # done: pytest's substring pass would find "ce" in "bce" again
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = remaining
+
+
+def _matcher(item: pytest.Item):
+    """pytest's KeywordMatcher for the item, except that under benchmarks/ `bce`/`ce` match the loss."""
+    names = KeywordMatcher.from_item(item)
+    ours = item.path.is_relative_to(BENCHMARKS)
+
+    def match(word: str, /, **kwargs) -> bool:
+        if ours and not kwargs and word.lower() in spec_mod.LOSSES:
+            return item.get_closest_marker(word.lower()) is not None
+        return names(word, **kwargs)
+
+    return match
+
+
+# ------------------------------------------------------------------------------------ fixtures
+
+@pytest.fixture(scope="session")
+def cxr_settings(pytestconfig: pytest.Config) -> Settings:
+    return pytestconfig.stash[SETTINGS]
+
+
+@pytest.fixture(scope="session")
+def experiment_rows(pytestconfig: pytest.Config) -> list:
+    return pytestconfig.stash[EXPERIMENT_ROWS]
+
+
+@pytest.fixture(scope="session")
+def throughput_rows(pytestconfig: pytest.Config) -> list:
+    return pytestconfig.stash[THROUGHPUT_ROWS]
+
+
+# ------------------------------------------------------------------------------ summary tables
+
+def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
+    rows = config.stash.get(EXPERIMENT_ROWS, [])
+    if rows:
+        _experiment_table(terminalreporter, rows, config.stash[SETTINGS])
+    rows = config.stash.get(THROUGHPUT_ROWS, [])
+    if rows:
+        _throughput_table(terminalreporter, rows)
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.2f}%"
+
+
+def _num(v, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+def _experiment_table(tr, rows: list[dict], settings: Settings) -> None:
+    stored = sum(r["cached"] for r in rows)
+    tr.write_sep("-", f"cxr-bench: {len(rows)} runs, {len(rows) - stored} trained, {stored} from the store "
+                      f"({settings.out})")
+    width = max(len(r["run_id"]) for r in rows)
+    tr.write_line(f"{'run':<{width}}  {'status':<8} {'source':<7} {'test acc':>8} {'AUROC':>7} "
+                  f"{'best ep':>7} {'train s':>8} {'img/s':>8}")
+    for r in rows:
+        tr.write_line(f"{r['run_id']:<{width}}  {r['status']:<8} {'stored' if r['cached'] else 'trained':<7} "
+                      f"{_pct(r['test_accuracy']):>8} {_num(r['test_auroc'], '.4f'):>7} "
+                      f"{_num(r['best_epoch'], 'd'):>7} {_num(r['train_seconds'], '.1f'):>8} "
+                      f"{_num(r['images_per_second'], '.0f'):>8}")
+
+
+def _throughput_table(tr, rows: list[dict]) -> None:
+    first = rows[0]
+    tr.write_sep("-", "cxr-bench throughput: engine (cxr.train.fit) vs the course loop (DataLoader)")
+    peak = first["peak_gflops"]
+    peak = f"{peak / 1000:.1f} TFLOP/s" if peak >= 1000 else f"{peak:.1f} GFLOP/s"
+    tr.write_line(f"{first['device_name']}; peak {peak} ({first['peak_matmul']})")
+    tr.write_line(f"model cnn, {first['model_mflops']:.2f} MFLOP per 28 px image forward; "
+                  f"{first['images']} images per timed pass, best of {first['rounds']}")
+    tr.write_line(f"{'':5}  {'training, images/s':<26}  {'evaluation, images/s':<26}  training MFU")
+    head = f"{'engine':>8} {'course':>8} {'ratio':>8}"
+    tr.write_line(f"{'batch':>5}  {head}  {head}  {'engine':>7} {'course':>7}")
+    for r in rows:
+        train = f"{r['engine_train_ips']:>8.0f} {r['course_train_ips']:>8.0f} {r['train_ratio']:>7.2f}x"
+        evaluation = f"{r['engine_eval_ips']:>8.0f} {r['course_eval_ips']:>8.0f} {r['eval_ratio']:>7.2f}x"
+        mfu = " ".join(f"{100 * r[k]:.3g}%".rjust(7) for k in ("engine_train_mfu", "course_train_mfu"))
+        tr.write_line(f"{r['batch_size']:>5}  {train}  {evaluation}  {mfu}")

@@ -1,0 +1,195 @@
+"""Training and evaluation throughput (images/s): the engine vs the course's DataLoader loop.
+
+Same model (cxr.models.build_model("cnn", 2), same initial weights), same data (the synthetic
+train split at 28 px, cycled to --throughput-images images), same optimizer (Adam, lr 0.001) and
+loss (cross-entropy), at batch sizes 32, 64 and 128, measured side by side in one process, each
+after a warm-up of a few batches and as the best of 3 timed repeats (a shared machine is noisy):
+
+- engine, training: an epoch of the real `cxr.train.fit` (epochs=1; no second training loop
+  here): the data on the device, randperm index batches, bf16 autocast and channels_last on CUDA.
+  Images/s is fit's own train_images / train_seconds, which leave out its validation pass.
+- course, training: `DataLoader(TensorDataset(x, y), batch_size, shuffle=True)`, a `.to(device)`
+  per batch, loss and accuracy read with `.item()` every batch, as the course's loop does.
+- evaluation: `cxr.evaluate.predict_logits` vs the course's no_grad DataLoader loop with argmax,
+  at the same batch size.
+
+MFU (model FLOP utilisation) = model FLOPs per image (x3 for a training step: forward and
+backward) x images/s / the device's peak, measured here by timing a matmul (2048x2048 float32 on
+CPU, 8192x8192 bfloat16 on CUDA). On CUDA every clock stops after torch.cuda.synchronize.
+Timings are reported (extra_info and the table at the end of the session), never asserted: the
+machine may be shared. The benchmark's own wall time is that of the engine's 3 fit() calls.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import pytest
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from benchmarks import device_name, synchronize
+from cxr import data as data_mod
+from cxr.evaluate import predict_logits
+from cxr.models import build_model, count_flops
+from cxr.spec import ExperimentSpec
+from cxr.train import fit
+
+BATCH_SIZES = (32, 64, 128)
+IMAGE_SIZE = 28
+IMAGES = {"cpu": 2048, "cuda": 16384}  # per timed pass, unless --throughput-images
+WARMUP_BATCHES = 4
+VAL_IMAGES = 128
+ROUNDS = 3  # timed repeats of each measurement; the best counts, as with timeit (a shared machine is noisy)
+
+
+@pytest.fixture(scope="module")
+def workload(cxr_settings) -> tuple[data_mod.Split, data_mod.Split]:
+    """(train images to measure on, the validation split that fit() wants)."""
+    data = data_mod.load("synthetic", IMAGE_SIZE)
+    n = cxr_settings.throughput_images or IMAGES.get(cxr_settings.device.type, IMAGES["cpu"])
+    idx = torch.arange(n) % data.train.n
+    val = data_mod.Split(x=data.val.x[:VAL_IMAGES], y=data.val.y[:VAL_IMAGES])  # fit() validates on it; untimed
+    return data_mod.Split(x=data.train.x[idx].contiguous(), y=data.train.y[idx]), val
+
+
+@pytest.fixture(scope="module")
+def peak(cxr_settings) -> tuple[float, str]:
+    """(FLOP/s, what was timed): the best of a few timings of one large matmul on the device."""
+    device = cxr_settings.device
+    n, dtype = (2048, torch.float32) if device.type == "cpu" else (8192, torch.bfloat16)
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    best = math.inf
+    for _ in range(4 if device.type == "cpu" else 20):  # the first one warms up
+        synchronize(device)
+        t0 = time.perf_counter()
+        a @ b
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best, f"{n}x{n} {str(dtype).removeprefix('torch.')} matmul"
+
+
+def best_rate(fn, device: torch.device) -> float:
+    """Images/s of fn (which returns how many images it processed): the best of ROUNDS timed calls."""
+    best = 0.0
+    for _ in range(ROUNDS):
+        synchronize(device)
+        t0 = time.perf_counter()
+        images = fn()
+        synchronize(device)
+        best = max(best, images / (time.perf_counter() - t0))
+    return best
+
+
+def course_train_epoch(model: nn.Module, loader: DataLoader, optimizer, device: torch.device) -> int:
+    """The course's training loop, one epoch; returns the number of images seen."""
+    criterion = nn.CrossEntropyLoss()
+    model.train()
+    running_loss, correct, seen = 0.0, 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        optimizer.zero_grad()
+        outputs = model(images)
+        loss = criterion(outputs, labels)
+        loss.backward()
+        optimizer.step()
+        running_loss += loss.item() * labels.size(0)
+        correct += (outputs.argmax(1) == labels).sum().item()
+        seen += labels.size(0)
+    return seen
+
+
+@torch.no_grad()
+def course_evaluate(model: nn.Module, loader: DataLoader, device: torch.device) -> int:
+    """The course's evaluation loop; returns the number of images seen."""
+    model.eval()
+    correct, total = 0, 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        _, predicted = torch.max(model(images), 1)
+        total += labels.size(0)
+        correct += (predicted == labels).sum().item()
+    return total
+
+
+def _dataset(train: data_mod.Split, val: data_mod.Split) -> data_mod.Dataset:
+    return data_mod.Dataset(source="synthetic", name="throughput workload", synthetic=True,
+                            image_size=IMAGE_SIZE, train=train, val=val, test=val)
+
+
+def _loader(split: data_mod.Split, batch_size: int, shuffle: bool) -> DataLoader:
+    return DataLoader(TensorDataset(split.x, split.y), batch_size=batch_size, shuffle=shuffle,
+                      generator=torch.Generator().manual_seed(0))
+
+
+def course_defaults():
+    """PyTorch's default cuDNN settings (no autotuning), as a course script runs with."""
+    return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False)
+
+
+def course_model(spec: ExperimentSpec, device: torch.device) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The model fit() starts from (same seed, same constructor) and the course's optimizer."""
+    torch.manual_seed(spec.seed)
+    model = build_model(spec.model, spec.num_outputs, spec.width).to(device)
+    return model, torch.optim.Adam(model.parameters(), lr=spec.lr)
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=lambda b: f"batch{b}")
+def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, throughput_rows):
+    device = cxr_settings.device
+    train, val = workload
+    n_warm = WARMUP_BATCHES * batch_size
+    warm = data_mod.Split(x=train.x[:n_warm], y=train.y[:n_warm])
+    spec = ExperimentSpec(name="throughput", model="cnn", loss="ce", optimizer="adam", lr=0.001,
+                          batch_size=batch_size, epochs=1, select="last")
+
+    # Training. Engine: a warm-up fit, then the measured ones (fit's own clock, validation left out).
+    fit(spec, _dataset(warm, val), device, progress=False)
+    fits = []
+
+    def engine_epoch():
+        fits.append(fit(spec, _dataset(train, val), device, progress=False))
+        synchronize(device)
+
+    benchmark.pedantic(engine_epoch, rounds=ROUNDS, iterations=1)
+    if fits[-1].model is None:
+        pytest.fail(f"the engine's fit did not finish: {fits[-1].status} ({fits[-1].error})", pytrace=False)
+    engine_train = max(f.train_images / f.train_seconds for f in fits)
+    # Course: the same model from the same seed; a warm-up on a few batches, then timed epochs,
+    # with PyTorch's default cuDNN settings (fit() turns cudnn.benchmark on for the process).
+    model, optimizer = course_model(spec, device)
+    with course_defaults():
+        course_train_epoch(model, _loader(warm, batch_size, True), optimizer, device)
+        loader = _loader(train, batch_size, True)
+        course_train = best_rate(lambda: course_train_epoch(model, loader, optimizer, device), device)
+
+    # Evaluation, each loop with its own trained model, after a warm-up.
+    engine_model = fits[-1].model
+    predict_logits(engine_model, warm.x, device, batch_size)
+    engine_eval = best_rate(lambda: len(predict_logits(engine_model, train.x, device, batch_size)), device)
+    with course_defaults():
+        course_evaluate(model, _loader(warm, batch_size, False), device)
+        loader = _loader(train, batch_size, False)
+        course_eval = best_rate(lambda: course_evaluate(model, loader, device), device)
+
+    peak_flops, peak_what = peak
+    flops = count_flops(build_model("cnn", 2), IMAGE_SIZE)  # forward pass of one image
+
+    def mfu(images_per_second: float, passes: int) -> float:
+        return passes * flops * images_per_second / peak_flops
+
+    row = {
+        "batch_size": batch_size, "images": train.n, "rounds": ROUNDS, "device": device.type,
+        "device_name": device_name(device), "engine_cuda_graph": fits[-1].cuda_graph,
+        "engine_train_ips": round(engine_train, 1), "course_train_ips": round(course_train, 1),
+        "train_ratio": round(engine_train / course_train, 3),
+        "engine_eval_ips": round(engine_eval, 1), "course_eval_ips": round(course_eval, 1),
+        "eval_ratio": round(engine_eval / course_eval, 3),
+        "engine_train_mfu": mfu(engine_train, 3), "course_train_mfu": mfu(course_train, 3),
+        "engine_eval_mfu": mfu(engine_eval, 1), "course_eval_mfu": mfu(course_eval, 1),
+        "model_mflops": flops / 1e6, "peak_gflops": round(peak_flops / 1e9, 1), "peak_matmul": peak_what,
+    }
+    benchmark.extra_info.update(row)
+    throughput_rows.append(row)
