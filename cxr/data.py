@@ -7,6 +7,10 @@
                             The MD5 is checked on download; a file already in the cache is trusted as it is
                             (it came from a verified download or was put there on purpose).
     npz:PATH                a MedMNIST-format npz: {train,val,test}_{images,labels}, all six required.
+    npz:PATH?holdout=F      an npz without a test split (train and val only, such as ../shared/data's
+                            pneumoniamnist-trainval.npz): test is a stratified fraction F of val, held out
+                            with a fixed seed (TEST_HOLDOUT_SEED), and val is the rest. The dataset's name
+                            says so. Tune on train and the remaining val; report on the held-out part.
     npy:DIR                 the course format DIR/{train,val,test}_{normal,pneumonia}.npy; val optional.
     folder:DIR              the Kermany layout DIR/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg|jpg|png, any
                             size, grayscale or RGB; val optional.
@@ -39,13 +43,14 @@ class DataError(ValueError):
     """Data that cannot be used; the message is one line naming the file or source and the problem."""
 
 
-SCHEMES = ("synthetic", "synthetic:SEED", "pneumoniamnist", "pneumoniamnist:SIZE", "npz:PATH", "npy:DIR",
-           "folder:DIR")
+SCHEMES = ("synthetic", "synthetic:SEED", "pneumoniamnist", "pneumoniamnist:SIZE", "npz:PATH",
+           "npz:PATH?holdout=F", "npy:DIR", "folder:DIR")
 SPLITS = ("train", "val", "test")
 CLASSES = ("normal", "pneumonia")  # label 0, label 1
 FOLDER_CLASSES = ("NORMAL", "PNEUMONIA")
 IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")
 VAL_FRACTION, VAL_SEED = 0.1, 0  # the val split held out of train when a source has none
+TEST_HOLDOUT_SEED = 0  # npz:PATH?holdout=F: the seed of the test part held out of val (fixed on purpose)
 SYNTHETIC_COUNTS = {"train": (1214, 3494), "val": (135, 389), "test": (234, 390)}  # as PneumoniaMNIST
 MEDMNIST_URL = "https://zenodo.org/records/10519652/files/{name}?download=1"
 PNEUMONIAMNIST_MD5 = {  # from medmnist/info.py (MedMNIST 3.0.2), keyed by image size
@@ -125,7 +130,12 @@ def _load(source: str, size: int) -> Dataset:
     if scheme in ("npz", "npy", "folder") and arg:
         path = Path(arg).expanduser()
         if scheme == "npz":
-            return Dataset(source, f"MedMNIST npz {path.name}", False, size, **_npz_splits(path, size))
+            path, fraction = _npz_query(source, arg)
+            name = f"MedMNIST npz {path.name}"
+            if fraction is not None:
+                name += (f" (test = {fraction:.0%} of val held out, stratified, seed {TEST_HOLDOUT_SEED};"
+                         " not the official test split)")
+            return Dataset(source, name, False, size, **_npz_splits(path, size, fraction))
         if scheme == "npy":
             return Dataset(source, f"course npy {path}", False, size, **_npy_splits(path, size))
         return Dataset(source, f"image folder {path}", False, size, **_folder_splits(path, size))
@@ -139,6 +149,23 @@ def _int_arg(source: str, arg: str, default: int) -> int:
         return int(arg)
     except ValueError:
         raise DataError(f"{source}: {arg!r} is not an integer") from None
+
+
+def _npz_query(source: str, arg: str) -> tuple[Path, float | None]:
+    """`PATH` or `PATH?holdout=F` -> (path, F or None); F must lie in (0, 1)."""
+    path, _, query = arg.partition("?")
+    if not query:
+        return Path(path).expanduser(), None
+    key, _, value = query.partition("=")
+    if key != "holdout":
+        raise DataError(f"{source}: unknown option {key!r}; allowed: npz:PATH?holdout=F with F in (0, 1), e.g. 0.5")
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = float("nan")
+    if not 0 < fraction < 1:
+        raise DataError(f"{source}: holdout={value!r} must be a fraction in (0, 1), e.g. 0.5")
+    return Path(path).expanduser(), fraction
 
 
 def load_pair(normal_path, pneumonia_path, image_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -163,8 +190,8 @@ def holdout(split: Split, where: str, fraction: float = VAL_FRACTION, seed: int 
     for label in (0, 1):
         index = np.flatnonzero(y == label)
         if len(index) < 2:
-            raise DataError(f"{where}: too few {CLASSES[label]} images ({len(index)}) to hold out a val split")
-        held[rng.permutation(index)[:max(1, round(fraction * len(index)))]] = True
+            raise DataError(f"{where}: too few {CLASSES[label]} images ({len(index)}) to split in two")
+        held[rng.permutation(index)[:min(len(index) - 1, max(1, round(fraction * len(index))))]] = True
     keep, held = torch.from_numpy(~held), torch.from_numpy(held)
     return (Split(split.x[keep].contiguous(), split.y[keep]),
             Split(split.x[held].contiguous(), split.y[held]))
@@ -245,7 +272,7 @@ def _one_line(err: BaseException) -> str:
 
 # --- npz (MedMNIST) ---------------------------------------------------------------------------------
 
-def _npz_splits(path: Path, size: int) -> dict[str, Split]:
+def _npz_splits(path: Path, size: int, test_fraction: float | None = None) -> dict[str, Split]:
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
@@ -256,17 +283,28 @@ def _npz_splits(path: Path, size: int) -> dict[str, Split]:
         raise DataError(f"{path}: no such file") from None
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
         raise DataError(f"{path}: cannot read npz ({_one_line(err)})") from None
-    return _medmnist_splits(arrays, str(path), size)
+    if test_fraction is None:
+        return _medmnist_splits(arrays, str(path), size)
+    if any(key.startswith("test_") for key in arrays):
+        raise DataError(f"{path}: ?holdout= is for a file without a test split, and this one has one; "
+                        f"use npz:{path}")
+    splits = _medmnist_splits(arrays, str(path), size, SPLITS[:2])
+    splits["val"], splits["test"] = holdout(splits["val"], f"{path} val", test_fraction, TEST_HOLDOUT_SEED)
+    return splits
 
 
-def _medmnist_splits(arrays: dict[str, np.ndarray], where: str, size: int) -> dict[str, Split]:
-    """train/val/test Splits from MedMNIST keys; every split must be there (see `holdout` for one that is not)."""
-    missing = [f"{s}_{k}" for s in SPLITS for k in ("images", "labels") if f"{s}_{k}" not in arrays]
+def _medmnist_splits(arrays: dict[str, np.ndarray], where: str, size: int,
+                     splits_wanted: tuple[str, ...] = SPLITS) -> dict[str, Split]:
+    """Splits from MedMNIST keys; every wanted split must be there (see `holdout` for one that is not)."""
+    missing = [f"{s}_{k}" for s in splits_wanted for k in ("images", "labels") if f"{s}_{k}" not in arrays]
     if missing:
+        hint = ""
+        if set(missing) == {"test_images", "test_labels"}:
+            hint = f"; to hold out part of val as a test stand-in, use npz:{where}?holdout=0.5"
         raise DataError(f"{where}: missing keys {', '.join(missing)} "
-                        "(a MedMNIST npz holds train_, val_ and test_ images and labels)")
+                        f"(a MedMNIST npz holds train_, val_ and test_ images and labels){hint}")
     splits = {}
-    for s in SPLITS:
+    for s in splits_wanted:
         x = _images(arrays[f"{s}_images"], f"{where} {s}_images")
         y = _labels(arrays[f"{s}_labels"], len(x), f"{where} {s}_labels")
         splits[s] = _checked(_resize(x, size), y, f"{where} {s}_labels")

@@ -52,6 +52,8 @@ class ExperimentSpec:
     batch_size: int = 32
     epochs: int = 10
     select: str = "loss"  # validation metric that picks the best epoch ("last": no selection)
+    ema: float = 0.0  # decay per step of an exponential moving average of the weights, which is then
+    #                   what is validated, selected and saved; 0 = off
     seed: int = 0
     # Bookkeeping, not part of the training recipe (excluded from spec_hash):
     sweep: tuple[str, ...] = ()  # grid keys of the file this came from, e.g. ("lr",)
@@ -75,10 +77,17 @@ class ExperimentSpec:
         return 1 if self.loss == "bce" else 2
 
     def recipe(self) -> dict:
-        """The fields that decide what training does (what spec_hash covers)."""
+        """The fields that decide what training does (what spec_hash covers).
+
+        Fields added after result stores existed are left out at their default value, so that a
+        spec that does not use them keeps the hash (and the stored results) it had before.
+        """
         d = dataclasses.asdict(self)
         for key in _BOOKKEEPING:
             d.pop(key)
+        for key, default in _ADDED_LATER.items():
+            if d[key] == default:
+                d.pop(key)
         return d
 
     def to_dict(self) -> dict:
@@ -93,8 +102,10 @@ class ExperimentSpec:
 
 
 _BOOKKEEPING = ("name", "sweep", "source")
+_ADDED_LATER = {"ema": 0.0}  # field -> the default that is left out of spec_hash
 _SHORT = {"epochs": "ep", "image_size": "px", "weight_decay": "wd", "label_smoothing": "ls",
-          "optimizer": "", "schedule": "", "model": "", "dataset": "data-", "width": "w"}
+          "optimizer": "", "schedule": "", "model": "", "dataset": "data-", "width": "w",
+          "ema": "ema"}
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentSpec)}
 _SETTABLE = [k for k in _FIELDS if k not in ("seed", "sweep", "source")] + ["seeds"]
 _CHOICES = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "select": SELECT_METRICS,
@@ -107,7 +118,7 @@ _RANGES = {
     "step_gamma": (0, 1, False, True), "label_smoothing": (0, 1, True, False),
     "augment_shift": (0, 0.5, True, True), "augment_rotate": (0, 180, True, True),
     "augment_scale": (0, 0.5, True, True), "batch_size": (1, 65536, True, True),
-    "epochs": (1, 10000, True, True),
+    "epochs": (1, 10000, True, True), "ema": (0, 1, True, False),
 }
 DEFAULT_SEEDS = (0,)
 
