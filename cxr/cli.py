@@ -44,7 +44,8 @@ def cmd_run(args) -> int:
         r = train.run(s, args.out, args.device, rerun=args.rerun, data=data_mod.load(s.dataset, s.image_size))
         failed += r["status"] == "failed"
         test = (r.get("metrics") or {}).get("test") or {}
-        where = "stored" if r.get("cached") else f"{(r.get('timing') or {}).get('train_seconds', 0):.1f}s"
+        where = ("reused" if r.get("reused_from") else "stored") if r.get("cached") \
+            else f"{(r.get('timing') or {}).get('train_seconds', 0):.1f}s"
         line = f"[{i}/{len(specs)}] {s.run_id:<36} {r['status']:<8} {where:>8}"
         if test:
             line += f"  test acc {100 * test['accuracy']:.2f}%  AUROC {test['auroc']:.4f}  best epoch {r['best_epoch']}"
@@ -63,7 +64,7 @@ def cmd_evaluate(args) -> int:
     from cxr.evaluate import evaluate_weights
 
     r = evaluate_weights(args.weights, args.normal, args.pneumonia, model=args.model, loss=args.loss,
-                         device=args.device)
+                         device=args.device, image_size=args.image_size)
     if args.json:
         keys = ("accuracy", "n", "sensitivity", "specificity", "auroc", "confusion", "model", "loss", "device")
         print(json.dumps({k: r[k] for k in keys}))
@@ -114,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("evaluate", help="accuracy of saved weights on test_normal.npy / test_pneumonia.npy")
     sp.add_argument("--weights", required=True, help="state dict (.pth), e.g. results/runs/ID/seed-0/model_weights.pth")
-    sp.add_argument("--normal", required=True, help=".npy of normal images (label 0)")
-    sp.add_argument("--pneumonia", required=True, help=".npy of pneumonia images (label 1)")
+    sp.add_argument("--normal", required=True, help=".npy (or a folder of images) of normal cases (label 0)")
+    sp.add_argument("--pneumonia", required=True, help=".npy (or a folder of images) of pneumonia cases (label 1)")
+    sp.add_argument("--image-size", type=int, help="resize images to this size (default: keep the arrays' size)")
     sp.add_argument("--model", help="model name (default: inferred from the weights)")
     sp.add_argument("--loss", choices=["bce", "ce"], help="default: inferred (1 output = bce, 2 = ce)")
     sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

@@ -93,7 +93,8 @@ def load_state_dict(path: str | Path) -> dict:
 
 
 def evaluate_weights(weights: str | Path, normal: str | Path, pneumonia: str | Path, *,
-                     model: str | None = None, loss: str | None = None, device: str = "auto") -> dict:
+                     model: str | None = None, loss: str | None = None, device: str = "auto",
+                     image_size: int | None = None) -> dict:
     """The course's evaluation task: accuracy etc. of saved weights on test_normal / test_pneumonia.
 
     Returns {"accuracy", "n", "sensitivity", "specificity", "auroc", "confusion", "model", "loss",
@@ -102,7 +103,7 @@ def evaluate_weights(weights: str | Path, normal: str | Path, pneumonia: str | P
     state = load_state_dict(weights)
     num_outputs = None if loss is None else (1 if loss == "bce" else 2)
     name, outputs, width, net = infer_model(state, model, num_outputs, source=str(weights))
-    x, y = data_mod.load_pair(normal, pneumonia)
+    x, y = data_mod.load_pair(normal, pneumonia, image_size)
     dev = resolve_device(device)
     net.to(dev)
     try:

@@ -157,3 +157,15 @@ def test_bad_arrays_are_named(trained, capsys, tmp_path):
     (tmp_path / "junk.npy").write_bytes(b"\x93NUMPY garbage")
     assert "junk.npy" in _bad(capsys, tmp, data_dir, normal=tmp_path / "junk.npy")
     assert "missing.npy" in _bad(capsys, tmp, data_dir, normal=tmp_path / "missing.npy")
+
+
+@pytest.mark.shared_data
+def test_evaluate_reads_full_resolution_jpeg_folders(trained, capsys, shared_data):
+    tmp, _ = trained
+    weights = tmp / "results/runs/course-ce-lr0.001-bs32/seed-0/model_weights.pth"
+    root = shared_data / "kermany-fullres"
+    code, out, _ = _evaluate(capsys, "--weights", weights, "--normal", root / "NORMAL", "--pneumonia",
+                             root / "PNEUMONIA", "--image-size", 28, "--json", "--device", "cpu")
+    assert code == 0
+    result = json.loads(out)
+    assert result["n"] == 16 and sum(map(sum, result["confusion"])) == 16
