@@ -630,18 +630,19 @@ def benchmarks(path: str | Path) -> dict:
         raise ReportError(f"{path}: unreadable benchmark JSON ({e.__class__.__name__}: {e})") from None
     if not isinstance(doc, dict) or not isinstance(doc.get("benchmarks"), list):
         raise ReportError(f"{path}: not a pytest-benchmark JSON file (no 'benchmarks' list)")
-    columns = []
+    # One table per kind of benchmark (experiment runs, throughput, ...): benchmarks whose extra_info
+    # has the same keys share a table, so no table is a patchwork of columns that are mostly empty.
+    tables: dict[tuple, dict] = {}
     for b in doc["benchmarks"]:
-        for k, v in (b.get("extra_info") or {}).items():
-            if (v is None or isinstance(v, (str, int, float, bool))) and k not in columns:
-                columns.append(k)
-    rows = [{"name": b.get("name", "?"), "rounds": (b.get("stats") or {}).get("rounds"),
-             "mean": (b.get("stats") or {}).get("mean"),
-             "extra": [(b.get("extra_info") or {}).get(k) for k in columns]} for b in doc["benchmarks"]]
+        extra = b.get("extra_info") or {}
+        columns = tuple(k for k, v in extra.items() if v is None or isinstance(v, (str, int, float, bool)))
+        table = tables.setdefault(columns, {"columns": list(columns), "rows": []})
+        table["rows"].append({"name": b.get("name", "?"), "rounds": (b.get("stats") or {}).get("rounds"),
+                              "mean": (b.get("stats") or {}).get("mean"), "extra": [extra.get(k) for k in columns]})
     machine = doc.get("machine_info") or {}
     cpu = (machine.get("cpu") or {}).get("brand_raw") if isinstance(machine.get("cpu"), dict) else None
     return {"file": path.name, "datetime": doc.get("datetime"), "cpu": cpu,
-            "python": machine.get("python_version"), "columns": columns, "rows": rows}
+            "python": machine.get("python_version"), "tables": list(tables.values())}
 
 
 # ------------------------------------------------------------------------------- figures

@@ -364,7 +364,10 @@ def test_benchmark_timings_table(tmp_path):
              "benchmarks": [{"name": "test_run[loss-bce-lr0.001-bs32-seed0]",
                              "stats": {"mean": 12.34, "rounds": 1, "min": 12.34, "max": 12.34},
                              "extra_info": {"status": "ok", "train_seconds": 11.5,
-                                            "images_per_second": 1234.5, "history": [1, 2]}}]}
+                                            "images_per_second": 1234.5, "history": [1, 2]}},
+                            {"name": "test_training_throughput[bs32]",
+                             "stats": {"mean": 3.0, "rounds": 1},
+                             "extra_info": {"batch_size": 32, "ratio": 7.3}}]}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(bench))
     out = report.render(partial_suite(tmp_path / "results"), benchmark_json=path, figures=False)
@@ -372,6 +375,9 @@ def test_benchmark_timings_table(tmp_path):
     assert "From `bench.json`, measured 2025-03-01T11:00:00 on Fixture CPU, Python 3.11.7." in text
     assert "| Benchmark | Rounds | Wall time, s | status | train_seconds | images_per_second |" in text
     assert "| `test_run[loss-bce-lr0.001-bs32-seed0]` | 1 | 12.3 | ok | 11.5 | 1,234 |" in text
+    # a benchmark with other extra_info keys gets its own table, not extra columns in the first
+    assert "| Benchmark | Rounds | Wall time, s | batch_size | ratio |" in text
+    assert text.count("| Benchmark | Rounds |") == 2
     path.write_text("{}")
     with pytest.raises(report.ReportError, match=r"bench.json: not a pytest-benchmark JSON file"):
         report.render(tmp_path / "results", benchmark_json=path, figures=False)
