@@ -28,7 +28,7 @@ step torch python3 -c 'import torch; print("torch", torch.__version__, "CUDA", t
 print("cuda device:", torch.cuda.get_device_name(0) if torch.cuda.is_available() else "NONE (torch sees no GPU)");
 raise SystemExit(0 if torch.cuda.is_available() else 1)'
 step cuda-tests pytest tests -m cuda -p no:cacheprovider -q
-step suite pytest benchmarks -p no:cacheprovider -q --device cuda --epochs 1 --seeds 1 \
+step suite pytest benchmarks/test_experiments.py -p no:cacheprovider -q --device cuda --epochs 1 --seeds 1 \
     --out "$out/suite" --benchmark-json "$out/suite/benchmark.json"
 step report cxr-bench report "$out/suite" --out "$out/suite/report.md" \
     --benchmark-json "$out/suite/benchmark.json"
