@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pooch
 import pytest
 import torch
 from PIL import Image
@@ -207,6 +206,75 @@ def test_shared_trainval_npz_has_no_test_split():
         data.load(f"npz:{path}")
 
 
+def write_trainval_npz(path: Path, val=(30, 50)) -> Path:
+    """A MedMNIST npz without a test split; val image i is filled with the value i (each is unique)."""
+    labels = np.repeat([0, 1], val).astype(np.uint8)
+    values = np.arange(len(labels), dtype=np.uint8)
+    return write_npz(path, n=20, test_images=None, test_labels=None,
+                     val_images=np.broadcast_to(values[:, None, None], (len(labels), 28, 28)).copy(),
+                     val_labels=labels[:, None])
+
+
+def rows(split: data.Split) -> set[tuple[int, int]]:
+    """(image value, label) of every image of a split made by write_trainval_npz."""
+    return {(round(float(x[0, 0, 0]) * 255), int(y)) for x, y in zip(split.x, split.y, strict=True)}
+
+
+def test_npz_without_test_split_hints_at_holdout(tmp_path):
+    path = write_trainval_npz(tmp_path / "tv.npz")
+    hint = r"tv.npz: missing keys test_images, test_labels .*; to hold out .* use npz:.*tv.npz\?holdout=0.5"
+    with pytest.raises(DataError, match=hint):
+        data.load(f"npz:{path}")
+
+
+def test_npz_holdout_splits_val_into_stratified_disjoint_val_and_test(tmp_path):
+    path = write_trainval_npz(tmp_path / "tv.npz", val=(30, 50))
+    d = data.load(f"npz:{path}?holdout=0.4")
+    assert (d.test.normal, d.test.pneumonia) == (12, 20) and (d.val.normal, d.val.pneumonia) == (18, 30)
+    whole = {(i, int(i >= 30)) for i in range(80)}
+    assert rows(d.val) | rows(d.test) == whole and not rows(d.val) & rows(d.test)  # disjoint, nothing lost
+    assert d.train.n == 20 and "test = 40% of val held out" in d.name and "not the official test" in d.name
+    assert d.summary()["name"] == d.name and d.source == f"npz:{path}?holdout=0.4"
+    data.clear_cache()
+    again = data.load(f"npz:{path}?holdout=0.4")
+    assert again is not d and torch.equal(again.test.x, d.test.x) and torch.equal(again.val.y, d.val.y)  # fixed seed
+    half = data.load(f"npz:{path}?holdout=0.5")
+    assert (half.test.normal, half.test.pneumonia, half.val.normal, half.val.pneumonia) == (15, 25, 15, 25)
+
+
+def test_npz_holdout_keeps_both_classes_on_both_sides(tmp_path):
+    d = data.load(f"npz:{write_trainval_npz(tmp_path / 'small.npz', val=(2, 3))}?holdout=0.9")
+    assert (d.val.normal, d.val.pneumonia, d.test.normal, d.test.pneumonia) == (1, 1, 1, 2)
+    with pytest.raises(DataError, match="small1.npz val: too few normal images"):
+        data.load(f"npz:{write_trainval_npz(tmp_path / 'small1.npz', val=(1, 3))}?holdout=0.5")
+
+
+@pytest.mark.parametrize("query, message", [
+    ("holdout=0", r"holdout='0' must be a fraction in \(0, 1\)"),
+    ("holdout=1", "must be a fraction"),
+    ("holdout=half", "must be a fraction"),
+    ("holdout=nan", "must be a fraction"),
+    ("seed=3", "unknown option 'seed'; allowed: npz:PATH\\?holdout=F"),
+])
+def test_npz_holdout_bad_options(tmp_path, query, message):
+    path = write_trainval_npz(tmp_path / "tv.npz")
+    with pytest.raises(DataError, match=message):
+        data.load(f"npz:{path}?{query}")
+
+
+def test_npz_holdout_refuses_a_file_with_a_test_split(tmp_path):
+    path = write_npz(tmp_path / "full.npz")
+    with pytest.raises(DataError, match=r"full.npz: \?holdout= is for a file without a test split"):
+        data.load(f"npz:{path}?holdout=0.5")
+
+
+@pytest.mark.shared_data
+def test_shared_trainval_npz_with_holdout_halves_val():
+    d = data.load(f"npz:{shared('pneumoniamnist-trainval.npz')}?holdout=0.5")
+    assert (d.train.normal, d.train.pneumonia) == (1214, 3494)
+    assert (d.val.normal, d.val.pneumonia, d.test.normal, d.test.pneumonia) == (67, 195, 68, 194)
+
+
 # --- folder (Kermany layout) and load_pair ------------------------------------------------------------
 
 def make_tree(root: Path) -> Path:
@@ -308,7 +376,7 @@ def test_pneumoniamnist_from_cache_without_network(cache, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("a cached file must not be downloaded")
 
-    monkeypatch.setattr(pooch, "retrieve", no_network)
+    monkeypatch.setattr(pytest.importorskip("pooch"), "retrieve", no_network)
     cache.mkdir()
     write_npz(cache / "pneumoniamnist.npz")
     write_npz(cache / "pneumoniamnist_64.npz", size=64)
@@ -327,7 +395,7 @@ def test_pneumoniamnist_downloads_once_with_md5(cache, monkeypatch):
         Path(path).mkdir(parents=True)
         return str(write_npz(Path(path) / fname))
 
-    monkeypatch.setattr(pooch, "retrieve", fake_retrieve)
+    monkeypatch.setattr(pytest.importorskip("pooch"), "retrieve", fake_retrieve)
     assert data.load("pneumoniamnist:128", image_size=28).train.n == 10
     assert calls == [("https://zenodo.org/records/10519652/files/pneumoniamnist_128.npz?download=1",
                       "md5:05b46931834c231683c68f40c47b2971")]
@@ -337,7 +405,7 @@ def test_pneumoniamnist_offline_says_where_to_put_the_file(cache, monkeypatch):
     def offline(*args, **kwargs):
         raise ConnectionError("Failed to resolve 'zenodo.org'")
 
-    monkeypatch.setattr(pooch, "retrieve", offline)
+    monkeypatch.setattr(pytest.importorskip("pooch"), "retrieve", offline)
     with pytest.raises(DataError) as err:
         data.load("pneumoniamnist")
     message = str(err.value)
