@@ -596,9 +596,7 @@ def run_info(results: list[dict]) -> dict:
     rows = [
         ("Model", _distinct(f"{s['model']} (width {s['width']})" for s in specs)),
         ("Image size", _distinct(f"{s['image_size']} × {s['image_size']} px" for s in specs)),
-        ("Training", _distinct(f"{s['optimizer']}, schedule {s['schedule']}, weight decay "
-                               f"{s['weight_decay']:g}, best epoch chosen on validation {s['select']}"
-                               for s in specs)),
+        ("Training", _distinct(_training(s) for s in specs)),
         ("Epochs", _distinct(sorted({s["epochs"] for s in specs}))),
         ("Seeds", ", ".join(map(str, sorted({r["seed"] for r in results}))) or "n/a"),
         ("Device", _distinct(f"{e.get('device')} ({e.get('device_name')})" for e in env)),
@@ -620,6 +618,21 @@ def run_info(results: list[dict]) -> dict:
 
 
 # ---------------------------------------------------------------------------- benchmarks
+
+def _training(s: dict) -> str:
+    """One line of a spec's training recipe; options at their off value are not mentioned."""
+    parts = [f"{s['optimizer']}", f"schedule {s['schedule']}", f"weight decay {s['weight_decay']:g}"]
+    if s.get("label_smoothing"):
+        parts.append(f"label smoothing {s['label_smoothing']:g}")
+    augment = [f"{name} {s[key]:g}{unit}" for key, name, unit in (
+        ("augment_shift", "shift", ""), ("augment_rotate", "rotation", "°"), ("augment_scale", "zoom", ""))
+        if s.get(key)]
+    if augment:
+        parts.append("augmentation " + ", ".join(augment))
+    if s.get("ema"):
+        parts.append(f"weight EMA {s['ema']:g}")
+    return ", ".join(parts) + f", best epoch chosen on validation {s['select']}"
+
 
 def benchmarks(path: str | Path) -> dict:
     """pytest-benchmark's JSON as a table: name, rounds, mean seconds, then every scalar extra_info."""

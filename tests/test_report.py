@@ -385,3 +385,15 @@ def test_benchmark_timings_table(tmp_path):
 
 def test_templates_dir_holds_the_template():
     assert (report.templates_dir() / "report.md.j2").is_file()
+
+
+def test_training_line_names_the_recipe_options_that_are_on():
+    from cxr.spec import ExperimentSpec
+
+    plain = report._training(ExperimentSpec().to_dict())
+    assert plain == "adam, schedule none, weight decay 0, best epoch chosen on validation loss"
+    recipe = report._training(ExperimentSpec(optimizer="adamw", schedule="onecycle", weight_decay=0.05,
+                                             label_smoothing=0.1, augment_rotate=8, ema=0.99,
+                                             select="auroc").to_dict())
+    assert recipe == ("adamw, schedule onecycle, weight decay 0.05, label smoothing 0.1, augmentation "
+                      "rotation 8°, weight EMA 0.99, best epoch chosen on validation auroc")
