@@ -733,21 +733,34 @@ def roc_figure(c: Comparison, path: Path) -> str | None:
         return None
     fig = _figure(6, 6)
     ax = fig.subplots()
-    grid = np.linspace(0, 1, 201)
+    grid = np.linspace(0, 1, 1001)
     colors = _colors(c)
+    lines = []  # (fpr, tpr, color, lw, alpha), drawn again in the zoomed inset
     for s in drawn:
         tprs = []
         for r in s.ok:
             if not r.get("predictions"):
                 continue
             p = roc_curve_points(r["predictions"]["y_true"], r["predictions"]["y_score"])
-            ax.plot(p["fpr"], p["tpr"], color=colors[s.label], lw=0.8, alpha=0.35)
+            lines.append((p["fpr"], p["tpr"], colors[s.label], 0.8, 0.35))
+            ax.plot(*lines[-1][:2], color=colors[s.label], lw=0.8, alpha=0.35)
             tprs.append(np.interp(grid, p["fpr"], p["tpr"]))
         mean = np.mean(tprs, 0)
         mean[0] = 0.0
+        lines.append((grid, mean, colors[s.label], 2.2, 1.0))
         auroc = num(s.auroc["mean"]) if s.auroc["std"] is None else num_ms(s.auroc)
         ax.plot(grid, mean, color=colors[s.label], lw=2.2,
                 label=f"{s.label}: AUROC {auroc} ({_plural(len(tprs), 'seed')})")
+    if all((s.auroc["mean"] or 0) >= 0.9 for s in drawn):
+        # Good classifiers hug the top-left corner, where they differ: show it magnified.
+        inset = ax.inset_axes([0.3, 0.3, 0.48, 0.42])
+        for fpr, tpr, color, lw, alpha in lines:
+            inset.plot(fpr, tpr, color=color, lw=lw, alpha=alpha)
+        inset.set(xlim=(0, 0.2), ylim=(0.8, 1.0), title="zoom: FPR 0-0.2, TPR 0.8-1",
+                  xticks=[0, 0.05, 0.1, 0.15, 0.2], yticks=[0.8, 0.85, 0.9, 0.95, 1.0])
+        inset.title.set_fontsize(8)
+        inset.tick_params(labelsize=7)
+        inset.grid(alpha=0.3)
     for s in c.settings:
         if s not in drawn:
             ax.plot([], [], color=colors[s.label], alpha=0.15, lw=2.2, label=f"{s.label}: no finished run")
