@@ -243,9 +243,6 @@ def test_entrypoint_refuses_an_unwritable_output_dir(stubs, tmp_path):
 
 @pytest.mark.slow
 def test_entrypoint_end_to_end_on_cpu_quick(tmp_path):
-    # Guard while benchmarks/ is being written; the lead removes it once benchmarks/conftest.py exists.
-    if not (ROOT / "benchmarks" / "conftest.py").exists():
-        pytest.skip("benchmarks/conftest.py does not exist yet")
     out = tmp_path / "out"
     env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "CXR_OUT": str(out), "CXR_QUICK": "1", "CXR_DATA_DIR": str(tmp_path / "no-data")}
