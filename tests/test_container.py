@@ -10,6 +10,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -259,3 +260,26 @@ def test_entrypoint_end_to_end_on_cpu_quick(tmp_path):
     assert len(list((out / "runs").glob("*/seed-*.json"))) == 2, log
     assert json.loads((out / "benchmark.json").read_text())["benchmarks"], log
     assert "synthetic" in (out / "report.md").read_text().lower()
+
+
+@pytest.mark.slow
+def test_files_copied_before_the_install_layer_are_enough_to_build_the_package(tmp_path):
+    """The image installs the project before `COPY . .` (to cache that layer): the files copied up to
+    then must be all that building the package needs (templates/ is the package cxr.templates)."""
+    before_install = DOCKERFILE.read_text().split("pip install")[0]
+    sources = [src for line in before_install.splitlines() if line.startswith("COPY ")
+               for src in line.split()[1:-1]]
+    assert "cxr/" in sources and "templates/" in sources
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in sources:
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name)
+        else:
+            shutil.copy(path, src / name)
+    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "w"),
+                             str(src)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    wheel = next((tmp_path / "w").glob("*.whl"))
+    assert "cxr/templates/report.md.j2" in zipfile.ZipFile(wheel).namelist()
