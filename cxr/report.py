@@ -291,6 +291,9 @@ def pair_sentence(a: str, b: str, boot: dict, p: float, n_tests: int = 1) -> str
     else:
         text = f"{hi} and {lo} differ by {_pt(size)} points of test accuracy ({hi} higher; {ci} points; " \
                f"{test}): no evidence of a difference at {n}."
+    if n_tests > 1 and p >= ALPHA and d != 0 and (boot["ci_low"] > 0 or boot["ci_high"] < 0):
+        text += (" The 95% interval, which is not adjusted for the multiple comparisons, excludes 0: the "
+                 "difference is suggestive, not established.")
     if n_seeds == 1:
         text += (" With one seed the interval covers the sampling of test images only, not seed-to-seed "
                  "variation.")

@@ -397,3 +397,12 @@ def test_training_line_names_the_recipe_options_that_are_on():
                                              select="auroc").to_dict())
     assert recipe == ("adamw, schedule onecycle, weight decay 0.05, label smoothing 0.1, augmentation "
                       "rotation 8°, weight EMA 0.99, best epoch chosen on validation auroc")
+
+
+def test_pair_sentence_flags_an_unadjusted_interval_that_excludes_zero():
+    boot = {**BOOT, "diff": 0.0315, "ci_low": 0.0053, "ci_high": 0.0609}
+    s = report.pair_sentence("lr 0.01", "lr 0.001", boot, 0.052, n_tests=2)
+    assert "no evidence of a difference" in s and "excludes 0: the difference is suggestive" in s
+    assert "suggestive" not in report.pair_sentence("lr 0.01", "lr 0.001", boot, 0.052)  # one test: no Holm
+    assert "suggestive" not in report.pair_sentence("a", "b", BOOT, 0.6, n_tests=2)  # interval holds 0
+    assert "suggestive" not in report.pair_sentence("a", "b", boot, 0.01, n_tests=2)  # already evidence
