@@ -30,7 +30,6 @@ def cmd_specs(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from cxr import data as data_mod
     from cxr import train
 
     specs = _specs(args)
@@ -41,7 +40,7 @@ def cmd_run(args) -> int:
     print(f"{len(specs)} runs -> {args.out}/runs on {device}", flush=True)
     t0, failed = time.perf_counter(), 0
     for i, s in enumerate(specs, 1):
-        r = train.run(s, args.out, args.device, rerun=args.rerun, data=data_mod.load(s.dataset, s.image_size))
+        r = train.run(s, args.out, args.device, rerun=args.rerun)  # loads (cached) data only if it trains
         failed += r["status"] == "failed"
         test = (r.get("metrics") or {}).get("test") or {}
         where = ("reused" if r.get("reused_from") else "stored") if r.get("cached") \

@@ -87,8 +87,6 @@ def load_state_dict(path: str | Path) -> dict:
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
         raise WeightsError(f"{path}: cannot load weights ({msg[:200]})") from None
-    if isinstance(obj, nn.Module):  # not reachable with weights_only, kept for clarity
-        obj = obj.state_dict()
     return obj
 
 
