@@ -20,11 +20,12 @@ own. So `-k ce`, `-k bce`, `-k lr0.1`, `-k bs128`, `-k "ce and not lr0.1"` selec
 `cxr-bench run -k` selects (cxr.spec.matches), and `-k throughput` the throughput cases; nor can
 another name on a case's chain that happens to hold "ce" (a folder named science, a spec named
 trace) pull cases in, since a loss word is never matched as a substring there. How: a
-tryfirst pytest_collection_modifyitems evaluates -k with pytest's Expression and KeywordMatcher
-(the code of pytest's deselect_by_keyword, plus the loss rule), reports what it deselects through
+tryfirst pytest_collection_modifyitems parses -k with cxr.keyword (pytest's grammar; the one
+parser `cxr-bench run -k` uses too) and matches words with pytest's KeywordMatcher plus the loss
+rule (what pytest's deselect_by_keyword does), reports what it deselects through
 pytest_deselected, and then clears the option, so that pytest's substring pass, which runs after
 it, does not filter again. Cases outside benchmarks/ (`pytest tests benchmarks -k ...`) are
-matched exactly as pytest would. An expression pytest cannot parse is left to pytest's error.
+matched exactly as pytest would. An expression cxr.keyword cannot parse is left to pytest's error.
 
 Markers (registered here, so --strict-markers passes; for -m): `bce` / `ce` (the loss),
 `task_<name>` (the spec's name, e.g. task_lr) and `sweep_<key>` (each swept key, e.g.
@@ -46,10 +47,13 @@ from pathlib import Path
 import pytest
 import torch
 from _pytest.mark import KeywordMatcher  # pytest's -k matcher: used as is, only the loss words differ
-from _pytest.mark.expression import Expression
 
+from cxr import data as data_mod
+from cxr import keyword
 from cxr import spec as spec_mod
-from cxr.evaluate import resolve_device
+from cxr.env import DEVICES, resolve_device
+from cxr.errors import CxrError
+from cxr.metrics import pct
 
 BENCHMARKS = Path(__file__).resolve().parent
 REPO = BENCHMARKS.parent
@@ -76,12 +80,11 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("cxr-bench", "cxr-bench runner (pytest benchmarks)")
     group.addoption("--specs", action="append", metavar="PATH",
                     help="spec file or directory, repeatable (default: the checkout's specs/)")
-    group.addoption("--data", metavar="SOURCE",
-                    help="data of every run: synthetic, npz:PATH, npy:DIR, folder:DIR, pneumoniamnist[:N]")
+    group.addoption("--data", metavar="SOURCE", help=f"data of every run: {data_mod.usage_line()}")
     group.addoption("--epochs", type=int, metavar="N", help="override every spec's epochs")
     group.addoption("--seeds", type=int, metavar="N", help="run seeds 0..N-1 instead of the specs' seeds")
     group.addoption("--out", default="results", metavar="DIR", help="results directory (default: results)")
-    group.addoption("--device", default="auto", choices=("auto", "cpu", "cuda"),
+    group.addoption("--device", default="auto", choices=DEVICES,
                     help="training device (default: auto, the GPU when there is one)")
     group.addoption("--rerun", action="store_true", help="train again even where a result is stored")
     group.addoption("--throughput-images", type=int, metavar="N",
@@ -93,13 +96,10 @@ def _settings(config: pytest.Config) -> Settings:
     paths = tuple(here / p for p in config.getoption("specs") or [REPO / "specs"])
     seeds, images = config.getoption("seeds"), config.getoption("throughput_images")
     try:
-        specs = spec_mod.load(list(paths))
-        if seeds is not None:
-            specs = spec_mod.with_seeds(specs, seeds)
-        specs = [spec_mod.override(s, dataset=config.getoption("data"), epochs=config.getoption("epochs"))
-                 for s in specs]
+        specs = spec_mod.select(list(paths), seeds=seeds, dataset=config.getoption("data"),
+                                epochs=config.getoption("epochs"))  # -k: pytest's option, applied below
         device = resolve_device(config.getoption("device"))
-    except ValueError as e:  # SpecError is one
+    except CxrError as e:
         raise pytest.UsageError(str(e)) from None
     if images is not None and images < 2:
         raise pytest.UsageError(f"--throughput-images {images}: expected an integer >= 2")
@@ -158,12 +158,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if not text:
         return
     try:
-        expr = Expression.compile(text)
-    except SyntaxError:
+        evaluate = keyword.compile(text)
+    except keyword.KeywordError:
         return  # pytest's own -k pass reports the error
     remaining, deselected = [], []
     for item in items:
-        (remaining if expr.evaluate(_matcher(item)) else deselected).append(item)
+        (remaining if evaluate(_matcher(item)) else deselected).append(item)
     config.option.keyword = ""  # done: pytest's substring pass would find "ce" in "bce" again
     if deselected:
         config.hook.pytest_deselected(items=deselected)
@@ -176,8 +176,9 @@ def _matcher(item: pytest.Item):
     ours = item.path.is_relative_to(BENCHMARKS)
 
     def match(word: str, /, **kwargs) -> bool:
-        if ours and not kwargs and word.lower() in spec_mod.LOSSES:
-            return item.get_closest_marker(word.lower()) is not None
+        loss = spec_mod.loss_word(word) if ours and not kwargs else None
+        if loss:
+            return item.get_closest_marker(loss) is not None
         return names(word, **kwargs)
 
     return match
@@ -211,10 +212,6 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
         _throughput_table(terminalreporter, rows)
 
 
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
-
-
 def _num(v, fmt: str) -> str:
     return "n/a" if v is None else format(v, fmt)
 
@@ -228,7 +225,7 @@ def _experiment_table(tr, rows: list[dict], settings: Settings) -> None:
                   f"{'best ep':>7} {'train s':>8} {'img/s':>8}")
     for r in rows:
         tr.write_line(f"{r['run_id']:<{width}}  {r['status']:<8} {'stored' if r['cached'] else 'trained':<7} "
-                      f"{_pct(r['test_accuracy']):>8} {_num(r['test_auroc'], '.4f'):>7} "
+                      f"{pct(r['test_accuracy']):>8} {_num(r['test_auroc'], '.4f'):>7} "
                       f"{_num(r['best_epoch'], 'd'):>7} {_num(r['train_seconds'], '.1f'):>8} "
                       f"{_num(r['images_per_second'], '.0f'):>8}")
 

@@ -9,26 +9,23 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks import synchronize
 from cxr import data as data_mod
-from cxr import results, train
+from cxr import record, results, train
+from cxr.env import synchronize
+from cxr.record import RunRecord
 
 
-def extra_info(record: dict) -> dict:
-    """The benchmark's extra_info: who, how it ended, and the test metrics of one result record."""
-    test = (record.get("metrics") or {}).get("test") or {}
-    timing = record.get("timing") or {}
+def extra_info(rec: RunRecord) -> dict:
+    """The benchmark's extra_info: who, how it ended, and the test metrics of one run record."""
     info = {
-        "id": record["id"], "seed": record["seed"], "status": record["status"],
-        "cached": bool(record.get("cached")),
-        "test_accuracy": test.get("accuracy"), "test_auroc": test.get("auroc"),
-        "test_sensitivity": test.get("sensitivity"), "test_specificity": test.get("specificity"),
-        "best_epoch": record.get("best_epoch"), "train_seconds": timing.get("train_seconds"),
-        "images_per_second": timing.get("images_per_second"),
-        "device": (record.get("environment") or {}).get("device"),
+        "id": rec.id, "seed": rec.seed, "status": rec.status, "cached": rec.cached,
+        "test_accuracy": rec.test("accuracy"), "test_auroc": rec.test("auroc"),
+        "test_sensitivity": rec.test("sensitivity"), "test_specificity": rec.test("specificity"),
+        "best_epoch": rec.best_epoch, "train_seconds": rec.timing_of("train_seconds"),
+        "images_per_second": rec.timing_of("images_per_second"), "device": rec.environment.get("device"),
     }
-    if record.get("error"):
-        info["error"] = record["error"]
+    if rec.error:
+        info["error"] = rec.error
     return info
 
 
@@ -40,16 +37,16 @@ def test_experiment(spec, benchmark, cxr_settings, experiment_rows):
         return (None if stored else data_mod.load(spec.dataset, spec.image_size),), {}
 
     def run(data):
-        record = train.run(spec, s.out, s.device.type, rerun=s.rerun, data=data, progress=False)
+        rec = train.run(spec, s.out, s.device.type, rerun=s.rerun, data=data, progress=False)
         synchronize(s.device)
-        return record
+        return rec
 
     try:
-        record = benchmark.pedantic(run, setup=load_data, rounds=1, iterations=1)
+        rec = benchmark.pedantic(run, setup=load_data, rounds=1, iterations=1)
     except data_mod.DataError as e:
         pytest.fail(str(e), pytrace=False)
-    info = extra_info(record)
+    info = extra_info(rec)
     benchmark.extra_info.update(info)
     experiment_rows.append({"run_id": spec.run_id, **info})
-    if record["status"] == results.STATUS_FAILED:
-        pytest.fail(f"{spec.run_id}: {record['error']}", pytrace=False)
+    if rec.status == record.FAILED:
+        pytest.fail(f"{spec.run_id}: {rec.error}", pytrace=False)

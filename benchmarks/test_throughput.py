@@ -30,8 +30,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from benchmarks import device_name, synchronize
 from cxr import data as data_mod
+from cxr.env import cpu_text, device_name, synchronize
 from cxr.evaluate import predict_logits
 from cxr.models import build_model, count_flops
 from cxr.spec import ExperimentSpec
@@ -180,9 +180,10 @@ def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, through
     def mfu(images_per_second: float, passes: int) -> float:
         return passes * flops * images_per_second / peak_flops
 
+    name = device_name(device) if device.type == "cuda" else f"CPU {cpu_text()}"
     row = {
         "batch_size": batch_size, "images": train.n, "rounds": ROUNDS, "device": device.type,
-        "device_name": device_name(device), "engine_cuda_graph": fits[-1].cuda_graph,
+        "device_name": name, "engine_cuda_graph": fits[-1].cuda_graph,
         "engine_train_ips": round(engine_train, 1), "course_train_ips": round(course_train, 1),
         "train_ratio": round(engine_train / course_train, 3),
         "engine_eval_ips": round(engine_eval, 1), "course_eval_ips": round(course_eval, 1),

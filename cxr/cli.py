@@ -1,4 +1,8 @@
-"""`cxr-bench`: run, evaluate, report, specs. Exit status 0 ok, 1 some run failed, 2 bad input."""
+"""`cxr-bench`: run, evaluate, report, specs. Exit status 0 ok, 1 some run failed, 2 bad input.
+
+Every error meant for the user is a cxr.errors.CxrError (or an OSError from the file system): it is
+printed as one line and the exit status is 2. Anything else is a bug and surfaces with its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,21 +10,20 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
+from cxr import data, losses
 from cxr import spec as spec_mod
+from cxr.env import DEVICES
+from cxr.errors import CxrError
+from cxr.metrics import pct
 
 USER_ERROR = 2
 
 
 def _specs(args) -> list[spec_mod.ExperimentSpec]:
-    specs = spec_mod.load(args.paths or ["specs"])
-    if getattr(args, "seeds", None) is not None:
-        specs = spec_mod.with_seeds(specs, args.seeds)
-    specs = [spec_mod.override(s, dataset=getattr(args, "data", None), epochs=getattr(args, "epochs", None))
-             for s in specs]
-    if args.k:
-        specs = [s for s in specs if spec_mod.matches(s, args.k)]
-    return specs
+    return spec_mod.select(args.paths or ["specs"], seeds=args.seeds, dataset=args.data, epochs=args.epochs,
+                           keyword_expr=args.k)
 
 
 def cmd_specs(args) -> int:
@@ -31,32 +34,30 @@ def cmd_specs(args) -> int:
 
 def cmd_run(args) -> int:
     from cxr import train
+    from cxr.env import resolve_device
 
     specs = _specs(args)
     if not specs:
         print("cxr-bench run: no experiments selected", file=sys.stderr)
         return USER_ERROR
-    device = train.resolve_device(args.device)
+    device = resolve_device(args.device)
     print(f"{len(specs)} runs -> {args.out}/runs on {device}", flush=True)
     t0, failed = time.perf_counter(), 0
     for i, s in enumerate(specs, 1):
         r = train.run(s, args.out, args.device, rerun=args.rerun)  # loads (cached) data only if it trains
-        failed += r["status"] == "failed"
-        test = (r.get("metrics") or {}).get("test") or {}
-        where = ("reused" if r.get("reused_from") else "stored") if r.get("cached") \
-            else f"{(r.get('timing') or {}).get('train_seconds', 0):.1f}s"
-        line = f"[{i}/{len(specs)}] {s.run_id:<36} {r['status']:<8} {where:>8}"
-        if test:
-            line += f"  test acc {100 * test['accuracy']:.2f}%  AUROC {test['auroc']:.4f}  best epoch {r['best_epoch']}"
-        if r.get("error"):
-            line += f"  ({r['error']})"
+        failed += r.status == "failed"
+        where = ("reused" if r.reused_from else "stored") if r.cached \
+            else f"{r.timing_of('train_seconds') or 0:.1f}s"
+        line = f"[{i}/{len(specs)}] {s.run_id:<36} {r.status:<8} {where:>8}"
+        if r.test("accuracy") is not None:
+            auroc = r.test("auroc")
+            line += (f"  test acc {pct(r.test('accuracy'))}  AUROC {'n/a' if auroc is None else format(auroc, '.4f')}"
+                     f"  best epoch {r.best_epoch}")
+        if r.error:
+            line += f"  ({r.error})"
         print(line, flush=True)
     print(f"done in {time.perf_counter() - t0:.1f}s; {failed} failed. Report: cxr-bench report {args.out}")
     return 1 if failed else 0
-
-
-def _pct(v) -> str:
-    return "n/a" if v is None else f"{100 * v:.2f}%"
 
 
 def cmd_evaluate(args) -> int:
@@ -69,12 +70,12 @@ def cmd_evaluate(args) -> int:
         print(json.dumps({k: r[k] for k in keys}))
         return 0
     (tn, fp), (fn, tp) = r["confusion"]
-    print(f"weights      {args.weights} ({r['model']}, width {r['width']}, {r['loss'].upper()}: "
+    print(f"weights      {args.weights} ({r['model']}, width {r['width']}, {losses.get(r['loss']).label}: "
           f"{r['num_outputs']} output{'s' if r['num_outputs'] > 1 else ''}) on {r['device']}")
     print(f"images       {r['n']} ({tn + fp} normal, {fn + tp} pneumonia), shape {tuple(r['image_shape'])}")
-    print(f"accuracy     {_pct(r['accuracy'])} ({r['correct']}/{r['n']})")
-    print(f"sensitivity  {_pct(r['sensitivity'])} (pneumonia found)")
-    print(f"specificity  {_pct(r['specificity'])} (normal cleared)")
+    print(f"accuracy     {pct(r['accuracy'])} ({r['correct']}/{r['n']})")
+    print(f"sensitivity  {pct(r['sensitivity'])} (pneumonia found)")
+    print(f"specificity  {pct(r['specificity'])} (normal cleared)")
     print(f"AUROC        {'n/a' if r['auroc'] is None else format(r['auroc'], '.4f')}")
     print("confusion    rows true, columns predicted: normal, pneumonia")
     print(f"             normal    {tn:>5} {fp:>5}\n             pneumonia {fn:>5} {tp:>5}")
@@ -84,7 +85,8 @@ def cmd_evaluate(args) -> int:
 def cmd_report(args) -> int:
     from cxr import report
 
-    path = report.render(args.results, out=args.out, benchmark_json=args.benchmark_json)
+    specs = args.specs if args.specs is not None else (["specs"] if Path("specs").is_dir() else [])
+    path = report.render(args.results, out=args.out, benchmark_json=args.benchmark_json, specs=specs)
     print(f"report written to {path}")
     return 0
 
@@ -95,8 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def selection(sp):
         sp.add_argument("paths", nargs="*", metavar="SPEC_OR_DIR", help="spec files or directories (default: specs/)")
-        sp.add_argument("--data", help="data source for every run: synthetic, npz:PATH, npy:DIR, folder:DIR, "
-                                       "pneumoniamnist[:SIZE]")
+        sp.add_argument("--data", metavar="SOURCE", help=f"data source for every run: {data.usage_line()}")
         sp.add_argument("--epochs", type=int, help="override every spec's epochs")
         sp.add_argument("--seeds", type=int, help="run seeds 0..N-1 instead of the specs' seeds")
         sp.add_argument("-k", metavar="EXPR", help="select run ids like pytest -k (loss names match exactly)")
@@ -104,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("run", help="train and evaluate the selected experiments")
     selection(sp)
     sp.add_argument("--out", default="results", help="results directory (default: results)")
-    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--device", default="auto", choices=DEVICES)
     sp.add_argument("--rerun", action="store_true", help="train again even if a result is stored")
     sp.set_defaults(func=cmd_run)
 
@@ -118,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--pneumonia", required=True, help=".npy (or a folder of images) of pneumonia cases (label 1)")
     sp.add_argument("--image-size", type=int, help="resize images to this size (default: keep the arrays' size)")
     sp.add_argument("--model", help="model name (default: inferred from the weights)")
-    sp.add_argument("--loss", choices=["bce", "ce"], help="default: inferred (1 output = bce, 2 = ce)")
-    sp.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    sp.add_argument("--loss", choices=losses.NAMES, help="default: inferred (1 output = bce, 2 = ce)")
+    sp.add_argument("--device", default="auto", choices=DEVICES)
     sp.add_argument("--json", action="store_true", help="print one JSON object (fractions, not percent)")
     sp.set_defaults(func=cmd_evaluate)
 
@@ -127,21 +128,22 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("results", nargs="?", default="results", help="results directory (default: results)")
     sp.add_argument("--out", help="report file (default: RESULTS/report.md)")
     sp.add_argument("--benchmark-json", help="pytest-benchmark JSON to add its timings")
+    sp.add_argument("--specs", action="append", metavar="SPEC_OR_DIR",
+                    help="spec files whose titled experiments the report expects (default: specs/ if present)")
     sp.set_defaults(func=cmd_report)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from cxr.data import DataError
-    from cxr.models import WeightsError
-    from cxr.report import ReportError
-    from cxr.results import ResultError
-
     try:
         return args.func(args)
-    except (spec_mod.SpecError, DataError, WeightsError, ResultError, ReportError, ValueError) as e:
+    except CxrError as e:
         print(f"cxr-bench {args.command}: error: {e}", file=sys.stderr)
+        return USER_ERROR
+    except OSError as e:  # the file system: a full disk, a directory that cannot be written
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"cxr-bench {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         print("interrupted; finished runs are stored and will not be repeated", file=sys.stderr)

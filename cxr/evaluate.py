@@ -1,7 +1,8 @@
 """Evaluation: predictions, metrics and loss of a model on one split, and `cxr-bench evaluate`.
 
-BCE models have one logit (pneumonia when logit > 0); CE models have two (argmax). The score of
-pneumonia is sigmoid(logit) or softmax(logits)[:, 1].
+How a head's logits become predictions, scores of pneumonia and a loss is the loss's business
+(cxr.losses): one logit is read as BCE's (pneumonia when logit > 0, sigmoid), two as CE's (argmax,
+softmax; a focal-loss model has the same head).
 """
 
 from __future__ import annotations
@@ -12,24 +13,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cxr import data as data_mod
+from cxr import losses
+from cxr.env import resolve_device
 from cxr.metrics import binary_metrics
 from cxr.models import WeightsError, infer_model
 
 EVAL_BATCH = 1024
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: allowed values are auto, cpu, cuda")
-    return torch.device(device)
 
 
 @torch.no_grad()
@@ -49,29 +41,16 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
     return torch.cat(out).cpu() if out else torch.empty(0, 1)
 
 
-def loss_of(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean BCE-with-logits (1 logit) or cross-entropy (2 logits) of logits against labels."""
-    if logits.shape[1] == 1:
-        return F.binary_cross_entropy_with_logits(logits[:, 0], y.float())
-    return F.cross_entropy(logits, y)
-
-
-def scores(logits: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """(y_score = P(pneumonia), y_pred) from logits, the prediction taken on the logits themselves."""
-    if logits.shape[1] == 1:
-        return torch.sigmoid(logits[:, 0]).numpy(), (logits[:, 0] > 0).long().numpy()
-    return torch.softmax(logits, 1)[:, 1].numpy(), logits.argmax(1).numpy()
-
-
 def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict:
     """Metrics (accuracy, sensitivity, specificity, AUROC, ECE, confusion, loss) and predictions."""
     logits = predict_logits(model, x, device)
     y_cpu = y.cpu()
-    y_score, y_pred = scores(logits)
+    head = losses.for_outputs(logits.shape[1])
+    y_score, y_pred = head.score(logits).numpy(), head.predict(logits).numpy()
     if not np.isfinite(y_score).all():
         raise FloatingPointError("the model produced non-finite outputs")
     metrics = binary_metrics(y_cpu.numpy(), y_score, y_pred)
-    metrics["loss"] = float(loss_of(logits, y_cpu))
+    metrics["loss"] = float(head.nll(logits, y_cpu))
     predictions = {"y_true": y_cpu.tolist(), "y_score": [round(float(s), 6) for s in y_score],
                    "y_pred": y_pred.tolist()}
     return {"metrics": metrics, "predictions": predictions}
@@ -99,7 +78,7 @@ def evaluate_weights(weights: str | Path, normal: str | Path, pneumonia: str | P
     "num_outputs", "width", "device", "input_dtype", ...}.
     """
     state = load_state_dict(weights)
-    num_outputs = None if loss is None else (1 if loss == "bce" else 2)
+    num_outputs = None if loss is None else losses.get(loss).outputs
     name, outputs, width, net = infer_model(state, model, num_outputs, source=str(weights))
     x, y = data_mod.load_pair(normal, pneumonia, image_size)
     dev = resolve_device(device)
@@ -114,6 +93,6 @@ def evaluate_weights(weights: str | Path, normal: str | Path, pneumonia: str | P
         "accuracy": m["accuracy"], "n": m["n"], "correct": m["confusion"][0][0] + m["confusion"][1][1],
         "sensitivity": m["sensitivity"], "specificity": m["specificity"], "auroc": m["auroc"],
         "ece": m["ece"], "loss_value": m["loss"], "confusion": m["confusion"],
-        "model": name, "loss": "bce" if outputs == 1 else "ce", "num_outputs": outputs, "width": width,
+        "model": name, "loss": loss or losses.for_outputs(outputs).name, "num_outputs": outputs, "width": width,
         "device": str(dev), "image_shape": list(x.shape[1:]),
     }

@@ -125,3 +125,8 @@ def roc_curve_points(y_true, y_score) -> dict:
         raise ValueError(f"{fn}: y_true holds only class {int(y_true[0])}; a ROC curve needs both classes")
     fpr, tpr, _ = roc_curve(y_true, y_score)
     return {"fpr": fpr.tolist(), "tpr": tpr.tolist()}
+
+
+def pct(x: float | None, digits: int = 2) -> str:
+    """A fraction as percent, as every table and line of this package shows it: 0.87662 -> "87.66%"."""
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"

@@ -9,12 +9,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cxr import losses
+from cxr.errors import CxrError
+
 # Fixed normalisation of [0, 1] inputs to roughly zero mean, unit spread. Constants, not
 # statistics of one data set, so a state dict means the same thing on any data.
 _MEAN, _STD = 0.5, 0.25
 
 
-class WeightsError(ValueError):
+class WeightsError(CxrError):
     """Weights that do not fit any model; the message names the file and the mismatch."""
 
 
@@ -95,11 +98,11 @@ MODELS = {
 
 
 def build_model(name: str = "cnn", num_outputs: int = 2, width: int = 16) -> nn.Module:
-    """A fresh model; num_outputs is 1 for BCE (one logit) and 2 for CE (two logits)."""
+    """A fresh model; num_outputs is the loss's head size (cxr.losses: 1 for BCE, 2 for CE and focal)."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(MODELS)}")
-    if num_outputs not in (1, 2):
-        raise ValueError(f"num_outputs must be 1 (BCE) or 2 (CE), got {num_outputs}")
+    if num_outputs not in losses.OUTPUTS:
+        raise ValueError(f"num_outputs must be one of {losses.OUTPUTS} (a loss's head), got {num_outputs}")
     return MODELS[name][0](num_outputs, width)
 
 
@@ -152,8 +155,8 @@ def infer_model(state_dict: dict, name: str | None = None, num_outputs: int | No
         outputs = state_dict[head[-1]].shape[0]
         if num_outputs is not None and outputs != num_outputs:
             raise WeightsError(f"{source}: the weights have {outputs} output(s) but --loss asks for "
-                               f"{num_outputs} ({'bce' if num_outputs == 1 else 'ce'})")
-        if outputs not in (1, 2) or width < 1:
+                               f"{num_outputs} ({losses.for_outputs(num_outputs).name})")
+        if outputs not in losses.OUTPUTS or width < 1:
             problems.append(f"{candidate}: {outputs} outputs, width {width}")
             continue
         model = build_model(candidate, outputs, width)

@@ -1,4 +1,4 @@
-"""The results store: one JSON per run under results/runs/<experiment-id>/seed-<n>.json.
+"""The results store: one run record (cxr.record) per run under results/runs/<experiment-id>/seed-<n>.json.
 
 Files are written atomically (temp file + rename), so a run killed at any moment leaves either
 its complete result or nothing; `find` lets a rerun skip every run already done with the same
@@ -7,22 +7,18 @@ spec hash.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 from pathlib import Path
 
 import torch
 
+from cxr.record import DIVERGED, FAILED, OK, RecordError, RunRecord, loads
 from cxr.spec import ExperimentSpec
 
-SCHEMA_VERSION = 1
-STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = "ok", "diverged", "failed"
+STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = OK, DIVERGED, FAILED
 WEIGHTS_NAME = "model_weights.pth"
-
-
-class ResultError(ValueError):
-    """A result file that cannot be read; the message names the file."""
+ResultError = RecordError  # the name this module's error had before cxr.record
 
 
 def run_path(out: str | Path, spec: ExperimentSpec) -> Path:
@@ -47,9 +43,10 @@ def _atomic_write_bytes(path: Path, write) -> None:
         raise
 
 
-def write_json(path: str | Path, obj: dict) -> Path:
-    path = Path(path)
-    data = (json.dumps(obj, indent=1, sort_keys=False, allow_nan=False) + "\n").encode()
+def write(out: str | Path, record: RunRecord) -> Path:
+    """Store a run record at runs/<id>/seed-<n>.json under out, atomically."""
+    path = Path(out) / "runs" / record.id / f"seed-{record.seed}.json"
+    data = record.to_json()
     _atomic_write_bytes(path, lambda f: f.write(data))
     return path
 
@@ -61,18 +58,17 @@ def save_weights(path: str | Path, state_dict: dict) -> Path:
     return path
 
 
-def read(path: str | Path) -> dict:
+def read(path: str | Path) -> RunRecord:
+    """The run record in a file (schema version 2, or 1 upgraded), checked against the schema."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ResultError(f"{path}: unreadable result file ({e.__class__.__name__}: {e})") from None
-    if not isinstance(obj, dict) or obj.get("schema_version") != SCHEMA_VERSION:
-        raise ResultError(f"{path}: not a cxr-bench result (schema_version {SCHEMA_VERSION} expected)")
-    return obj
+        text = path.read_bytes()
+    except OSError as e:
+        raise RecordError(f"{path}: unreadable result file ({e.__class__.__name__}: {e.strerror or e})") from None
+    return loads(text, str(path))
 
 
-def find(out: str | Path, spec: ExperimentSpec) -> dict | None:
+def find(out: str | Path, spec: ExperimentSpec) -> RunRecord | None:
     """The stored result of this exact run (same id, seed and spec hash), or None.
 
     A failed run is not a result: it is retried. A file that cannot be parsed (e.g. written by
@@ -82,16 +78,16 @@ def find(out: str | Path, spec: ExperimentSpec) -> dict | None:
     if not path.exists():
         return None
     try:
-        obj = read(path)
-    except ResultError:
+        rec = read(path)
+    except RecordError:
         return None
-    if obj.get("spec_hash") != spec.spec_hash() or obj.get("status") == STATUS_FAILED:
+    if rec.spec_hash != spec.spec_hash() or rec.status == FAILED:
         return None
-    return obj
+    return rec
 
 
-def load_all(out: str | Path) -> list[dict]:
-    """Every result under out/runs, sorted by (id, seed). Unreadable files raise ResultError."""
+def load_all(out: str | Path) -> list[RunRecord]:
+    """Every result under out/runs, sorted by (id, seed). Unreadable files raise RecordError."""
     runs = Path(out) / "runs"
-    results = [read(p) for p in sorted(runs.glob("*/seed-*.json"))]
-    return sorted(results, key=lambda r: (r["id"], r["seed"]))
+    records = [read(p) for p in sorted(runs.glob("*/seed-*.json"))]
+    return sorted(records, key=lambda r: (r.id, r.seed))

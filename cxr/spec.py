@@ -10,17 +10,19 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from cxr import keyword, losses
+from cxr.errors import CxrError
 
-class SpecError(ValueError):
+
+class SpecError(CxrError):
     """A spec file that cannot be used; the message is one line naming the file and the key."""
 
 
-LOSSES = ("bce", "ce")
+LOSSES = losses.NAMES
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle", "step")
 SELECT_METRICS = ("loss", "accuracy", "auroc", "last")
@@ -36,7 +38,8 @@ class ExperimentSpec:
     image_size: int = 28
     model: str = "cnn"
     width: int = 16  # channels of the first conv block; the model doubles it per stage
-    loss: str = "ce"  # "bce": 1 logit + BCEWithLogits; "ce": 2 logits + CrossEntropy
+    loss: str = "ce"  # a name in cxr.losses.LOSSES: "bce" (1 logit), "ce" (2 logits), "focal" (2 logits)
+    focal_gamma: float = 2.0  # "focal" only: the focusing exponent (0 = cross-entropy)
     optimizer: str = "adam"
     lr: float = 0.001
     weight_decay: float = 0.0
@@ -56,7 +59,10 @@ class ExperimentSpec:
     #                   what is validated, selected and saved; 0 = off
     seed: int = 0
     # Bookkeeping, not part of the training recipe (excluded from spec_hash):
+    title: str = ""  # the question the file answers, e.g. "Task A: BCE vs CE": the report's heading
     sweep: tuple[str, ...] = ()  # grid keys of the file this came from, e.g. ("lr",)
+    grid: tuple[tuple[str, tuple], ...] = ()  # the file's whole [grid], e.g. (("lr", (0.001, 0.01, 0.1)),):
+    #                                           what the report expects to find
     source: str = ""  # the spec file
 
     @property
@@ -74,7 +80,7 @@ class ExperimentSpec:
 
     @property
     def num_outputs(self) -> int:
-        return 1 if self.loss == "bce" else 2
+        return losses.get(self.loss).outputs
 
     def recipe(self) -> dict:
         """The fields that decide what training does (what spec_hash covers).
@@ -93,6 +99,7 @@ class ExperimentSpec:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d["sweep"] = list(self.sweep)
+        d["grid"] = {key: list(values) for key, values in self.grid}
         d["id"] = self.id
         return d
 
@@ -101,13 +108,14 @@ class ExperimentSpec:
         return hashlib.sha256(blob).hexdigest()[:16]
 
 
-_BOOKKEEPING = ("name", "sweep", "source")
-_ADDED_LATER = {"ema": 0.0}  # field -> the default that is left out of spec_hash
+_BOOKKEEPING = ("name", "title", "sweep", "grid", "source")
+_ADDED_LATER = {"ema": 0.0, "focal_gamma": 2.0}  # field -> the default that is left out of spec_hash
 _SHORT = {"epochs": "ep", "image_size": "px", "weight_decay": "wd", "label_smoothing": "ls",
           "optimizer": "", "schedule": "", "model": "", "dataset": "data-", "width": "w",
-          "ema": "ema"}
+          "ema": "ema", "focal_gamma": "g"}
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentSpec)}
-_SETTABLE = [k for k in _FIELDS if k not in ("seed", "sweep", "source")] + ["seeds"]
+_SETTABLE = [k for k in _FIELDS if k not in ("seed", "sweep", "grid", "source")] + ["seeds"]
+_NOT_SWEPT = ("seeds", "name", "title")
 _CHOICES = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "select": SELECT_METRICS,
             "model": MODELS}
 # (low, high, low inclusive, high inclusive)
@@ -118,7 +126,7 @@ _RANGES = {
     "step_gamma": (0, 1, False, True), "label_smoothing": (0, 1, True, False),
     "augment_shift": (0, 0.5, True, True), "augment_rotate": (0, 180, True, True),
     "augment_scale": (0, 0.5, True, True), "batch_size": (1, 65536, True, True),
-    "epochs": (1, 10000, True, True), "ema": (0, 1, True, False),
+    "epochs": (1, 10000, True, True), "ema": (0, 1, True, False), "focal_gamma": (0, 10, True, True),
 }
 DEFAULT_SEEDS = (0,)
 
@@ -143,6 +151,8 @@ def _check_value(path: Path, key: str, value, where: str):
             raise SpecError(f"{loc} = {value!r}: allowed values are {', '.join(_CHOICES[key])}")
         if key == "name" and (not value or not all(c.isalnum() or c in "_." for c in value)):
             raise SpecError(f"{loc} = {value!r}: use letters, digits, '_' or '.' (it starts every id)")
+        if key == "title" and (len(value) > 200 or not value.isprintable()):
+            raise SpecError(f"{loc} = {value[:40]!r}...: a title is one printable line of at most 200 characters")
         if key == "dataset" and not value:
             raise SpecError(f"{loc}: must not be empty")
         return value
@@ -211,8 +221,8 @@ def parse(text: str, path: str | Path = "<spec>") -> list[ExperimentSpec]:
             values[key] = _check_value(path, key, value, "experiment.")
     axes = []
     for key, options in grid.items():
-        if key not in _SETTABLE or key in ("seeds", "name"):
-            allowed = ", ".join(sorted(k for k in _SETTABLE if k not in ("seeds", "name")))
+        if key not in _SETTABLE or key in _NOT_SWEPT:
+            allowed = ", ".join(sorted(k for k in _SETTABLE if k not in _NOT_SWEPT))
             raise SpecError(f"{path}: unknown grid key grid.{key}; allowed: {allowed}")
         if not isinstance(options, list) or not options:
             raise SpecError(f"{path}: grid.{key} = {options!r}: expected a non-empty list of values")
@@ -222,11 +232,12 @@ def parse(text: str, path: str | Path = "<spec>") -> list[ExperimentSpec]:
         axes.append((key, checked))
 
     sweep = tuple(key for key, _ in axes)
+    full_grid = tuple((key, tuple(values)) for key, values in axes)
     specs, seen = [], {}
     for combo in itertools.product(*(opts for _, opts in axes)):
         point = dict(values, **dict(zip(sweep, combo, strict=True)))
         for seed in seeds:
-            spec = ExperimentSpec(**point, seed=seed, sweep=sweep, source=str(path))
+            spec = ExperimentSpec(**point, seed=seed, sweep=sweep, grid=full_grid, source=str(path))
             if spec.run_id in seen:
                 raise SpecError(f"{path}: duplicate experiment id {spec.run_id}")
             seen[spec.run_id] = spec
@@ -287,33 +298,45 @@ def from_dict(d: dict) -> ExperimentSpec:
     """Rebuild a spec saved in a result file."""
     d = {k: v for k, v in d.items() if k in _FIELDS}
     d["sweep"] = tuple(d.get("sweep", ()))
+    d["grid"] = tuple((key, tuple(values)) for key, values in (d.get("grid") or {}).items())
     return ExperimentSpec(**d)
 
 
-_TOKEN = re.compile(r"\s*(\(|\)|[\w.\-\[\]]+)")
+def select(paths: list[str | Path], *, seeds: int | None = None, dataset: str | None = None,
+           epochs: int | None = None, keyword_expr: str | None = None) -> list[ExperimentSpec]:
+    """The runs a command line asks for: the spec files' runs, with `--seeds`, `--data` and `--epochs`
+    applied, then those that `-k` selects. `cxr-bench run/specs` and `pytest benchmarks` both call this
+    (pytest applies its own -k, so it passes none)."""
+    specs = load(paths)
+    if seeds is not None:
+        specs = with_seeds(specs, seeds)
+    specs = [override(s, dataset=dataset, epochs=epochs) for s in specs]
+    if keyword_expr:
+        specs = [s for s in specs if matches(s, keyword_expr)]
+    return specs
+
+
+def loss_word(word: str) -> str | None:
+    """The loss a `-k` word names (`bce`, `ce`, `focal`, any case), or None for any other word."""
+    low = word.lower()
+    return low if low in LOSSES else None
 
 
 def matches(spec: ExperimentSpec, expr: str) -> bool:
     """pytest-style `-k` selection over a run id, with `and`, `or`, `not` and parentheses.
 
-    A word that names a loss (`bce`, `ce`) matches the loss exactly: plain substring matching
-    would make `ce` select `bce` runs too. Any other word is a case-insensitive substring of the
-    run id (`lr0.1`, `bs128`, `seed2`, `loss-`...).
+    A word that names a loss (`bce`, `ce`, `focal`) matches the loss exactly: plain substring
+    matching would make `ce` select `bce` runs too. Any other word is a case-insensitive substring
+    of the run id (`lr0.1`, `bs128`, `seed2`, `loss-`...).
     """
-    words = {"bce": spec.loss == "bce", "ce": spec.loss == "ce"}
-    haystack = spec.run_id.lower()
-    out, pos, text = [], 0, expr.strip()
-    while pos < len(text):
-        m = _TOKEN.match(text, pos)
-        if not m:
-            raise SpecError(f"<command line>: -k {expr!r}: cannot parse at {text[pos:]!r}")
-        tok, pos = m.group(1), m.end()
-        low = tok.lower()
-        if tok in ("(", ")") or low in ("and", "or", "not"):
-            out.append(low)
-        else:
-            out.append(str(words[low] if low in words else low in haystack))
     try:
-        return bool(eval(" ".join(out) or "True", {"__builtins__": {}}, {}))  # only True/False/and/or/not/()
-    except SyntaxError:
-        raise SpecError(f"<command line>: -k {expr!r}: not a valid expression") from None
+        evaluate = keyword.compile(expr)
+    except keyword.KeywordError as e:
+        raise SpecError(f"<command line>: {e}") from None
+    haystack = spec.run_id.lower()
+
+    def word_matches(word: str) -> bool:
+        loss = loss_word(word)
+        return spec.loss == loss if loss else word.lower() in haystack
+
+    return evaluate(word_matches)

@@ -8,13 +8,10 @@ is evaluated once, with the weights of that epoch. A non-finite loss stops the r
 from __future__ import annotations
 
 import copy
-import datetime as dt
+import dataclasses
 import math
 import os
-import platform
 import shutil
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,15 +22,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from cxr import data as data_mod
-from cxr import results
-from cxr.evaluate import evaluate_split, resolve_device
+from cxr import losses, record, results
+from cxr.env import environment, now, resolve_device, synchronize
+from cxr.errors import one_line
+from cxr.evaluate import evaluate_split
 from cxr.models import build_model
+from cxr.record import RunRecord
 from cxr.spec import ExperimentSpec
 
 
 @dataclass
 class Fit:
-    status: str  # results.STATUS_OK or STATUS_DIVERGED
+    status: str  # record.OK or STATUS_DIVERGED
     history: list[dict] = field(default_factory=list)
     best_epoch: int | None = None
     model: torch.nn.Module | None = None  # with the best epoch's weights loaded
@@ -104,24 +104,10 @@ def augment(x: torch.Tensor, spec: ExperimentSpec, generator: torch.Generator) -
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def loss_fn(logits: torch.Tensor, y: torch.Tensor, spec: ExperimentSpec) -> torch.Tensor:
-    if spec.loss == "bce":
-        target = y.float()
-        if spec.label_smoothing:
-            target = target * (1 - spec.label_smoothing) + 0.5 * spec.label_smoothing
-        return F.binary_cross_entropy_with_logits(logits[:, 0], target)
-    return F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
-
-
 def _is_better(spec: ExperimentSpec, value: float, best: float | None) -> bool:
     if best is None or spec.select == "last":
         return True
     return value < best if spec.select == "loss" else value > best
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 class TrainStep:
@@ -136,6 +122,7 @@ class TrainStep:
 
     def __init__(self, model, optimizer, spec: ExperimentSpec, x, y, generator, device: torch.device):
         self.model, self.optimizer, self.spec, self.x, self.y, self.generator = model, optimizer, spec, x, y, generator
+        self.loss = losses.get(spec.loss)
         self.cuda = device.type == "cuda"
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
@@ -146,18 +133,17 @@ class TrainStep:
             try:
                 self._capture()
             except Exception as e:  # unsupported op or driver: train eagerly, say why
-                self.graph, self.capture_error = None, _one_line(e)
+                self.graph, self.capture_error = None, one_line(e)
 
     def _body(self, idx) -> None:
         xb, yb = augment(self.x[idx], self.spec, self.generator), self.y[idx]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda, cache_enabled=False):
             logits = self.model(xb)
-        loss = loss_fn(logits.float(), yb, self.spec)
+        loss = self.loss.train_loss(logits.float(), yb, self.spec)
         loss.backward()
         self.optimizer.step()
         self.loss_sum += loss.detach() * len(yb)
-        pred = (logits[:, 0] > 0).long() if self.spec.num_outputs == 1 else logits.argmax(1)
-        self.correct += (pred == yb).sum()
+        self.correct += (self.loss.predict(logits) == yb).sum()
 
     def __call__(self, idx: torch.Tensor) -> None:
         if self.graph is not None and len(idx) == len(self.static_idx):
@@ -214,7 +200,7 @@ def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str = "cpu",
         progress: bool | None = None) -> Fit:
     """Train `spec` on `data`; the returned model holds the best epoch's weights."""
-    device = resolve_device(device) if isinstance(device, str) else device
+    device = resolve_device(device)
     seed_everything(spec.seed)
     model = build_model(spec.model, spec.num_outputs, spec.width).to(device)
     cuda = device.type == "cuda"
@@ -233,10 +219,10 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
     ema = _ema_model(model, spec.ema) if spec.ema else None
     evaluated = ema.module if ema is not None else model  # what is validated, selected and returned
 
-    result = Fit(status=results.STATUS_OK)
+    result = Fit(status=record.OK)
     t_setup = time.perf_counter()
     step = TrainStep(model, optimizer, spec, x_train, y_train, generator, device)
-    _sync(device)
+    synchronize(device)
     result.setup_seconds = time.perf_counter() - t_setup
     result.cuda_graph = step.graph is not None
     result.capture_error = step.capture_error
@@ -262,19 +248,19 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
             n_step += 1
             result.train_images += len(idx)
         loss_sum, correct = step.loss_sum, step.correct
-        _sync(device)
+        synchronize(device)
         result.train_seconds += time.perf_counter() - t0
         train_loss = float(loss_sum) / n
         row = {"epoch": epoch, "lr": lr_now, "train_loss": train_loss, "train_accuracy": int(correct) / n}
         if not math.isfinite(train_loss):
-            result.status = results.STATUS_DIVERGED
+            result.status = record.DIVERGED
             result.error = f"non-finite training loss in epoch {epoch} (lr {spec.lr:g})"
             result.history.append({**row, "train_loss": None, "seconds": time.perf_counter() - t0})
             break
         try:
             val = evaluate_split(evaluated, x_val, y_val, device)["metrics"]
         except FloatingPointError:
-            result.status = results.STATUS_DIVERGED
+            result.status = record.DIVERGED
             result.error = f"non-finite model outputs on validation in epoch {epoch} (lr {spec.lr:g})"
             result.history.append({**row, "seconds": time.perf_counter() - t0})
             break
@@ -288,7 +274,7 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
             best_state = copy.deepcopy(evaluated.state_dict())
         bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val['accuracy']:.3f}")
     bar.close()
-    if result.status == results.STATUS_OK:
+    if result.status == record.OK:
         evaluated.load_state_dict(best_state)
         result.model = evaluated
     return result
@@ -300,82 +286,49 @@ def _ema_model(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.Av
         model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-def _git_commit() -> str | None:
-    try:
-        root = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
-                             text=True, timeout=5)
-        return out.stdout.strip() or None if out.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def environment(device: torch.device) -> dict:
-    cuda = device.type == "cuda"
-    return {
-        "python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-        "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if cuda else (platform.processor() or platform.machine()),
-        "cpu": f"{platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads",
-        "hostname": socket.gethostname(), "git_commit": os.environ.get("CXR_GIT_COMMIT") or _git_commit(),
-    }
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-
-
-def _one_line(e: BaseException) -> str:
-    text = " ".join(str(e).split()) or "(no message)"
-    return f"{e.__class__.__name__}: {text[:300]}"
-
-
 def run(spec: ExperimentSpec, out: str | Path = "results", device: str = "auto", *, rerun: bool = False,
-        data: data_mod.Dataset | None = None, progress: bool | None = None) -> dict:
-    """Train and evaluate one run and store it; a stored result with the same spec hash is returned
-    instead (with "cached": True) unless `rerun`. Data errors propagate (they concern every run);
-    any other exception is recorded as status "failed" with a one-line error."""
+        data: data_mod.Dataset | None = None, progress: bool | None = None) -> RunRecord:
+    """Train and evaluate one run and store its record; a stored result with the same spec hash is
+    returned instead (with `cached` True) unless `rerun`. Data errors propagate (they concern every
+    run); any other exception is recorded as status "failed" with a one-line error."""
     if not rerun:
         stored = results.find(out, spec) or _reuse_same_recipe(out, spec)
         if stored is not None:
-            return {**stored, "cached": True}
+            return dataclasses.replace(stored, cached=True)
     dev = resolve_device(device)
     data = data if data is not None else data_mod.load(spec.dataset, spec.image_size)
-    record = {
-        "schema_version": results.SCHEMA_VERSION, "id": spec.id, "seed": spec.seed, "spec": spec.to_dict(),
-        "spec_hash": spec.spec_hash(), "status": results.STATUS_FAILED, "error": None, "history": [],
-        "best_epoch": None, "metrics": None, "predictions": None, "timing": None,
-        "environment": {**environment(dev), "started_at": _now()}, "dataset": data.summary(), "weights": None,
-    }
+    rec = RunRecord(id=spec.id, seed=spec.seed, spec=spec.to_dict(), spec_hash=spec.spec_hash(),
+                    status=record.FAILED, environment={**environment(dev), "started_at": now()},
+                    dataset=data.summary())
     try:
         fitted = fit(spec, data, dev, progress)
-        record.update(status=fitted.status, error=fitted.error, history=fitted.history,
-                      best_epoch=fitted.best_epoch)
-        record["timing"] = {"train_seconds": round(fitted.train_seconds, 3),
-                            "images_per_second": round(fitted.train_images / max(fitted.train_seconds, 1e-9), 1),
-                            "eval_seconds": None, "setup_seconds": round(fitted.setup_seconds, 3),
-                            "cuda_graph": fitted.cuda_graph}
+        timing = {"train_seconds": round(fitted.train_seconds, 3),
+                  "images_per_second": round(fitted.train_images / max(fitted.train_seconds, 1e-9), 1),
+                  "eval_seconds": None, "setup_seconds": round(fitted.setup_seconds, 3),
+                  "cuda_graph": fitted.cuda_graph}
         if fitted.capture_error:
-            record["timing"]["cuda_graph_error"] = fitted.capture_error
-        if fitted.status == results.STATUS_OK:
+            timing["cuda_graph_error"] = fitted.capture_error
+        rec = dataclasses.replace(rec, status=fitted.status, error=fitted.error, history=tuple(fitted.history),
+                                  best_epoch=fitted.best_epoch, timing=timing)
+        if fitted.status == record.OK:
             t0 = time.perf_counter()
             val = evaluate_split(fitted.model, data.val.x, data.val.y, dev)
             test = evaluate_split(fitted.model, data.test.x, data.test.y, dev)  # the one look at test
-            record["timing"]["eval_seconds"] = round(time.perf_counter() - t0, 3)
-            record["metrics"] = {"val": val["metrics"], "test": test["metrics"]}
-            record["predictions"] = test["predictions"]
+            timing["eval_seconds"] = round(time.perf_counter() - t0, 3)
             wpath = results.save_weights(results.weights_path(out, spec), fitted.model.state_dict())
-            record["weights"] = wpath.relative_to(Path(out)).as_posix()
+            rec = dataclasses.replace(rec, metrics={"val": val["metrics"], "test": test["metrics"]},
+                                      predictions=test["predictions"],
+                                      weights=wpath.relative_to(Path(out)).as_posix())
     except (KeyboardInterrupt, data_mod.DataError):
         raise
     except Exception as e:  # a crashed run is recorded, and the sweep goes on
-        record.update(status=results.STATUS_FAILED, error=_one_line(e))
-    record["environment"]["finished_at"] = _now()
-    results.write_json(results.run_path(out, spec), record)
-    return record
+        rec = dataclasses.replace(rec, status=record.FAILED, error=one_line(e), metrics=None, predictions=None)
+    rec = dataclasses.replace(rec, environment={**rec.environment, "finished_at": now()})
+    results.write(out, rec)
+    return rec
 
 
-def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec) -> dict | None:
+def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec) -> RunRecord | None:
     """A finished run with the identical recipe and seed stored under another id (e.g. Task A's
     CE run is Task B's lr 0.001 run): copy it under this id instead of training it again."""
     want = spec.spec_hash()
@@ -384,16 +337,16 @@ def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec) -> dict | None:
             other = results.read(path)
         except results.ResultError:
             continue
-        if other.get("spec_hash") != want or other.get("status") == results.STATUS_FAILED or other["id"] == spec.id:
+        if other.spec_hash != want or other.status == record.FAILED or other.id == spec.id:
             continue
-        record = {**other, "id": spec.id, "spec": spec.to_dict(), "reused_from": other["id"]}
-        if other.get("weights"):
-            src = Path(out) / other["weights"]
+        rec = dataclasses.replace(other, id=spec.id, spec=spec.to_dict(), reused_from=other.id, weights=None)
+        if other.weights:
+            src = Path(out) / other.weights
             if src.exists():
                 dst = results.weights_path(out, spec)
                 dst.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(src, dst)
-                record["weights"] = dst.relative_to(Path(out)).as_posix()
-        results.write_json(results.run_path(out, spec), record)
-        return record
+                rec = dataclasses.replace(rec, weights=dst.relative_to(Path(out)).as_posix())
+        results.write(out, rec)
+        return rec
     return None

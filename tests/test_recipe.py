@@ -32,13 +32,13 @@ def test_recipe_is_not_part_of_the_default_suite():
 def test_recipe_settings_train_one_epoch_on_tiny_data(tiny_data, tmp_path):
     s = replace(spec.load_file(RECIPE)[0], epochs=1, batch_size=32)
     r = train.run(s, tmp_path, "cpu", data=tiny_data, progress=False)
-    assert r["status"] == "ok" and r["best_epoch"] == 1 and r["spec"]["ema"] == s.ema
-    assert 0 <= r["metrics"]["test"]["auroc"] <= 1 and len(r["predictions"]["y_score"]) == tiny_data.test.n
+    assert r.status == "ok" and r.best_epoch == 1 and r.spec["ema"] == s.ema
+    assert 0 <= r.test("auroc") <= 1 and len(r.predictions["y_score"]) == tiny_data.test.n
     # the saved (averaged) weights are a plain state dict that `cxr-bench evaluate` can load
-    weights = torch.load(tmp_path / r["weights"], weights_only=True)
+    weights = torch.load(tmp_path / r.weights, weights_only=True)
     name, outputs, width, _ = infer_model(weights)
     assert (name, outputs, width) == ("vgg", 2, 16)
-    assert results.find(tmp_path, s)["spec_hash"] == s.spec_hash()
+    assert results.find(tmp_path, s).spec_hash == s.spec_hash()
 
 
 @pytest.mark.shared_data

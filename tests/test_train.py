@@ -3,7 +3,6 @@ results store (skip, reuse, kill-and-resume), and the recipe options (schedules,
 label smoothing)."""
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -15,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr import results, train
+from cxr import losses, record, results, train
 from cxr.spec import ExperimentSpec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,8 +52,8 @@ def test_best_epoch_is_chosen_on_validation_and_test_is_touched_once(tiny_data, 
     monkeypatch.setattr(train, "evaluate_split", spy)
     r = train.run(replace(SPEC, epochs=4), tmp_path, "cpu", data=tiny_data, progress=False)
     assert seen.count("test") == 1 and seen[-1] == "test" and "?" not in seen
-    losses = [h["val_loss"] for h in r["history"]]
-    assert r["best_epoch"] == 1 + losses.index(min(losses))
+    val_losses = [h["val_loss"] for h in r.history]
+    assert r.best_epoch == 1 + val_losses.index(min(val_losses))
     last = train.fit(replace(SPEC, select="last"), tiny_data, "cpu", progress=False)
     assert last.best_epoch == SPEC.epochs
 
@@ -62,16 +61,19 @@ def test_best_epoch_is_chosen_on_validation_and_test_is_touched_once(tiny_data, 
 def test_result_file_holds_the_documented_fields(tiny_data, tmp_path):
     r = train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
     stored = results.read(results.run_path(tmp_path, SPEC))
-    assert stored == json.loads(json.dumps(r))
-    for key in ("schema_version", "id", "seed", "spec", "spec_hash", "status", "history", "best_epoch",
-                "metrics", "predictions", "timing", "environment", "weights", "dataset"):
-        assert key in stored, key
-    test = stored["metrics"]["test"]
+    assert stored == r and stored.to_dict() == json.loads(r.to_json())
+    raw = json.loads(results.run_path(tmp_path, SPEC).read_text())
+    assert raw["schema_version"] == record.SCHEMA_VERSION == 2
+    assert list(raw) == ["schema_version", "id", "seed", "spec", "spec_hash", "status", "error", "history",
+                         "best_epoch", "metrics", "predictions", "timing", "environment", "dataset", "weights",
+                         "reused_from"]
+    assert {"git_commit", "git_dirty", "version", "started_at", "finished_at"} <= set(raw["environment"])
+    test = stored.metrics["test"]
     assert test["n"] == 96 and set(test) >= {"accuracy", "auroc", "sensitivity", "specificity", "loss", "ece",
                                              "confusion"}
-    assert len(stored["predictions"]["y_score"]) == 96
-    assert stored["timing"]["images_per_second"] > 0
-    weights = torch.load(tmp_path / stored["weights"], weights_only=True)
+    assert len(stored.predictions["y_score"]) == 96
+    assert stored.timing["images_per_second"] > 0
+    weights = torch.load(tmp_path / stored.weights, weights_only=True)
     assert set(weights) == set(train.build_model("cnn", 2, 4).state_dict())
 
 
@@ -79,36 +81,36 @@ def test_stored_results_are_not_run_again(tiny_data, tmp_path, monkeypatch):
     first = train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
     monkeypatch.setattr(train, "fit", lambda *a, **k: pytest.fail("retrained a stored run"))
     again = train.run(SPEC, tmp_path, "cpu", data=tiny_data)
-    assert again["cached"] and again["metrics"] == first["metrics"]
+    assert again.cached and again.metrics == first.metrics
     # The identical recipe under another id (Task A's CE run is Task B's lr 0.001 run) is reused.
     other = replace(SPEC, name="other")
     reused = train.run(other, tmp_path, "cpu", data=tiny_data)
-    assert reused["reused_from"] == SPEC.id and reused["id"] == other.id
-    assert results.find(tmp_path, other)["metrics"] == first["metrics"]
-    assert (tmp_path / reused["weights"]).exists()
+    assert reused.reused_from == SPEC.id and reused.id == other.id
+    assert results.find(tmp_path, other).metrics == first.metrics
+    assert (tmp_path / reused.weights).exists()
 
 
 def test_changed_spec_is_run_again(tiny_data, tmp_path):
     train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
     changed = replace(SPEC, epochs=2)  # same id, different recipe
     assert results.find(tmp_path, changed) is None
-    assert not train.run(changed, tmp_path, "cpu", data=tiny_data, progress=False).get("cached")
+    assert not train.run(changed, tmp_path, "cpu", data=tiny_data, progress=False).cached
 
 
 def test_non_finite_loss_stops_the_run_as_diverged(tiny_data, tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = train.loss_fn
+    real = losses.LOSSES["ce"]
 
     def exploding(logits, y, spec):
         calls["n"] += 1
-        loss = real(logits, y, spec)
+        loss = real.train_loss(logits, y, spec)
         return loss * float("nan") if calls["n"] > 12 else loss  # epoch 2 of 8 batches per epoch
 
-    monkeypatch.setattr(train, "loss_fn", exploding)
+    monkeypatch.setitem(losses.LOSSES, "ce", replace(real, train_loss=exploding))
     r = train.run(replace(SPEC, epochs=4), tmp_path, "cpu", data=tiny_data, progress=False)
-    assert r["status"] == "diverged" and "non-finite" in r["error"]
-    assert len(r["history"]) == 2 and r["metrics"] is None and r["weights"] is None
-    assert results.find(tmp_path, replace(SPEC, epochs=4))["status"] == "diverged"  # stored, not retried
+    assert r.status == "diverged" and "non-finite" in r.error
+    assert len(r.history) == 2 and r.metrics is None and r.weights is None
+    assert results.find(tmp_path, replace(SPEC, epochs=4)).status == "diverged"  # stored, not retried
 
 
 def test_crashed_run_is_recorded_as_failed_and_retried(tiny_data, tmp_path, monkeypatch):
@@ -117,10 +119,10 @@ def test_crashed_run_is_recorded_as_failed_and_retried(tiny_data, tmp_path, monk
 
     monkeypatch.setattr(train, "build_model", boom)
     r = train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
-    assert r["status"] == "failed" and r["error"] == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
+    assert r.status == "failed" and r.error == "RuntimeError: CUDA out of memory. Tried to allocate 2 GiB"
     assert results.run_path(tmp_path, SPEC).exists() and results.find(tmp_path, SPEC) is None
     monkeypatch.undo()
-    assert train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)["status"] == "ok"
+    assert train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False).status == "ok"
 
 
 _SWEEP = """
@@ -135,7 +137,7 @@ data = Dataset(source="tiny", name="tiny", synthetic=True, image_size=28,
                train=make_split(512, 1), val=make_split(64, 2), test=make_split(96, 3))
 for lr in (0.001, 0.002, 0.003, 0.004, 0.005, 0.006):
     r = train.run(ExperimentSpec(name="k", lr=lr, epochs=3, width=4), sys.argv[1], "cpu", data=data, progress=False)
-    print(r["id"], "cached" if r.get("cached") else "trained", flush=True)
+    print(r.id, "cached" if r.cached else "trained", flush=True)
 """
 
 
@@ -153,7 +155,7 @@ def test_sweep_killed_with_sigkill_resumes_without_loss_or_repeats(tmp_path):
     done = {p.parent.name for p in out.glob("runs/*/seed-0.json")}
     assert 2 <= len(done) < 6, "kill landed too late to test resuming"
     for p in out.glob("runs/*/seed-0.json"):
-        assert results.read(p)["status"] == "ok"  # every file present is complete
+        assert results.read(p).status == "ok"  # every file present is complete
     second = subprocess.run([sys.executable, str(script), str(out)], capture_output=True, text=True, check=True)
     lines = dict(line.split() for line in second.stdout.splitlines())
     assert {i for i, how in lines.items() if how == "cached"} == done
@@ -205,26 +207,13 @@ def test_augmentation_changes_images_but_not_shapes_and_is_off_by_default():
     assert torch.allclose(theta_shift, img, atol=1e-4)
 
 
-def test_label_smoothing_changes_the_loss_for_both_losses():
-    logits2, y = torch.tensor([[-2.0, 2.0], [3.0, -1.0]]), torch.tensor([1, 0])
-    for loss, logits in (("ce", logits2), ("bce", logits2[:, 1:] - logits2[:, :1])):
-        plain = train.loss_fn(logits, y, ExperimentSpec(loss=loss))
-        smooth = train.loss_fn(logits, y, ExperimentSpec(loss=loss, label_smoothing=0.2))
-        assert smooth > plain
-    # BCE smoothing pulls targets toward 0.5: at ls = 1 the target is 0.5 everywhere
-    z = torch.tensor([[0.7]])
-    expected = -(0.5 * math.log(torch.sigmoid(z).item()) + 0.5 * math.log(1 - torch.sigmoid(z).item()))
-    assert train.loss_fn(z, torch.tensor([1]), ExperimentSpec(loss="bce", label_smoothing=0.999999)).item() \
-        == pytest.approx(expected, rel=1e-5)
-
-
 @pytest.mark.cuda
 def test_cuda_run_matches_cpu_roughly(tiny_data, tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     r = train.run(replace(SPEC, epochs=3), tmp_path, "cuda", data=tiny_data, progress=False)
-    assert r["status"] == "ok" and r["environment"]["device"] == "cuda"
-    assert r["metrics"]["test"]["accuracy"] > 0.6
+    assert r.status == "ok" and r.environment["device"] == "cuda"
+    assert r.test("accuracy") > 0.6
 
 
 @pytest.mark.cuda

@@ -1,0 +1,177 @@
+"""The run record: what one run of one experiment leaves in results/runs/<id>/seed-<n>.json.
+
+`RunRecord` defines every field; `to_dict`/`from_dict` are its writer and reader. The reader takes
+the current schema version and the one before it (version 1, written before this module existed,
+is upgraded on reading), and checks every file against the JSON Schema shipped beside this module
+(cxr/schema/run-record.schema.json), so tools outside Python can check result files too:
+
+    check-jsonschema --schemafile cxr/schema/run-record.schema.json results/runs/*/seed-*.json
+
+Version 2 over version 1: `environment` gains `git_dirty` (uncommitted changes in the checkout) and
+`version` (the package's), and `git_commit` is `git describe --always --dirty`; `reused_from` is
+always present (null when the run was trained, not copied); a spec may name the loss `focal` and
+carry `focal_gamma`, `title` and `grid`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, TypedDict
+
+from cxr.errors import CxrError
+
+SCHEMA_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # the current one and the one before it
+OK, DIVERGED, FAILED = "ok", "diverged", "failed"
+STATUSES = (OK, DIVERGED, FAILED)
+
+
+class RecordError(CxrError):
+    """A result file that is not a readable run record; the message names the file."""
+
+
+class Metrics(TypedDict, total=False):
+    """Metrics of one split (cxr.metrics.binary_metrics plus the loss); fractions in [0, 1]."""
+
+    n: int  # images
+    accuracy: float  # correct / n
+    sensitivity: float | None  # pneumonia found: tp / (tp + fn)
+    specificity: float | None  # normal cleared: tn / (tn + fp)
+    precision: float | None
+    f1: float | None
+    auroc: float | None  # None when the split has one class only
+    ece: float  # expected calibration error, 10 bins
+    loss: float  # mean negative log-likelihood under the head (cxr.losses.Loss.nll)
+    confusion: list[list[int]]  # [[tn, fp], [fn, tp]]
+
+
+class Epoch(TypedDict, total=False):
+    """One row of `history`: the epoch's training and validation numbers."""
+
+    epoch: int  # from 1
+    lr: float  # at the epoch's first step
+    train_loss: float | None  # mean over the epoch's images; None when not finite (diverged)
+    train_accuracy: float
+    val_loss: float
+    val_accuracy: float
+    val_auroc: float | None
+    seconds: float  # wall time of the epoch, validation included
+
+
+class Timing(TypedDict, total=False):
+    train_seconds: float  # the training loop, data already on the device
+    images_per_second: float  # training images / train_seconds
+    eval_seconds: float | None  # the final val and test evaluation
+    setup_seconds: float  # CUDA graph capture and the like, outside train_seconds
+    cuda_graph: bool  # whether the train step was replayed as a CUDA graph
+    cuda_graph_error: str  # why capture failed, when it did
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run: one experiment (a grid point of a spec file) with one seed."""
+
+    id: str  # experiment id, e.g. "lr-ce-lr0.01-bs32"; the file is runs/<id>/seed-<seed>.json
+    seed: int
+    spec: dict  # the resolved spec, cxr.spec.ExperimentSpec.to_dict()
+    spec_hash: str  # what identifies the recipe (cxr.spec.ExperimentSpec.spec_hash)
+    status: str  # "ok" | "diverged" (non-finite loss; stopped) | "failed" (crashed; retried next time)
+    environment: dict  # python, torch, cuda, device, device_name, cpu, hostname, git_commit, git_dirty,
+    #                    version, started_at, finished_at (cxr.env.environment)
+    error: str | None = None  # one line, for diverged and failed runs
+    history: tuple[Epoch, ...] = ()
+    best_epoch: int | None = None  # chosen on validation; the test split is evaluated once, with its weights
+    metrics: dict[str, Metrics] | None = None  # {"val": ..., "test": ...}, for status ok
+    predictions: dict | None = None  # test split: {"y_true", "y_score", "y_pred"}, image by image
+    timing: Timing | None = None
+    dataset: dict | None = None  # cxr.data.Dataset.summary(): source, name, synthetic, image_size, splits
+    weights: str | None = None  # model_weights.pth, relative to the results directory
+    reused_from: str | None = None  # the id whose identical run this result copies
+    schema_version: int = SCHEMA_VERSION
+    cached: bool = dataclasses.field(default=False, compare=False)  # served from the store; not written
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    @property
+    def run_id(self) -> str:
+        return f"{self.id}-seed{self.seed}"
+
+    def test(self, key: str) -> Any:
+        """A test-split metric, or None when the run has none (not ok, or no such metric)."""
+        return ((self.metrics or {}).get("test") or {}).get(key)
+
+    def timing_of(self, key: str) -> Any:
+        return (self.timing or {}).get(key)
+
+    def final(self, key: str) -> Any:
+        """`key` of the last epoch in `history`, or None."""
+        return self.history[-1].get(key) if self.history else None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        del d["cached"]
+        d["history"] = list(self.history)
+        order = ("schema_version", "id", "seed", "spec", "spec_hash", "status", "error", "history", "best_epoch",
+                 "metrics", "predictions", "timing", "environment", "dataset", "weights", "reused_from")
+        return {k: d[k] for k in order}
+
+    def to_json(self) -> bytes:
+        return (json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n").encode()
+
+
+def schema() -> dict:
+    """The JSON Schema of the current version (a copy)."""
+    return json.loads(_schema_text())
+
+
+@functools.cache
+def _schema_text() -> str:
+    return resources.files("cxr").joinpath("schema", "run-record.schema.json").read_text(encoding="utf-8")
+
+
+@functools.cache
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(schema())
+
+
+def upgrade(obj: dict) -> dict:
+    """A record dict of a readable version as the current version's dict (a new dict)."""
+    if obj.get("schema_version") == 1:
+        env = dict(obj.get("environment") or {})
+        env.setdefault("git_dirty", None)
+        env.setdefault("version", None)
+        obj = {**obj, "schema_version": 2, "environment": env, "reused_from": obj.get("reused_from")}
+    return obj
+
+
+def from_dict(obj: Any, where: str = "<record>") -> RunRecord:
+    """Read a record dict (current or previous version), checked against the schema."""
+    if not isinstance(obj, dict) or obj.get("schema_version") not in READABLE_VERSIONS:
+        got = obj.get("schema_version") if isinstance(obj, dict) else type(obj).__name__
+        raise RecordError(f"{where}: not a cxr-bench run record (schema_version {got!r}; this version reads "
+                          f"{' and '.join(map(str, READABLE_VERSIONS))})")
+    obj = upgrade(obj)
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator().iter_errors(obj))
+    if error is not None:
+        at = "/".join(map(str, error.absolute_path)) or "(top level)"
+        raise RecordError(f"{where}: {at}: {error.message[:200]}")
+    fields = {f.name for f in dataclasses.fields(RunRecord)}
+    return RunRecord(**{k: (tuple(v) if k == "history" else v) for k, v in obj.items() if k in fields})
+
+
+def loads(text: str | bytes, where: str = "<record>") -> RunRecord:
+    try:
+        obj = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise RecordError(f"{where}: unreadable result file ({e.__class__.__name__}: {e})") from None
+    return from_dict(obj, where)
