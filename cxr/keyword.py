@@ -39,21 +39,16 @@ def compile(text: str) -> Callable[[Matcher], bool]:  # noqa: A001 (the name pyt
     def peek():
         return tokens[pos] if pos < len(tokens) else None
 
-    def expr(depth: int):
+    def chain(op: str, operand, combine):  # operand (op operand)*, combined with any (or) / all (and)
         nonlocal pos
-        terms = [and_(depth)]
-        while peek() == "or":
+        terms = [operand()]
+        while peek() == op:
             pos += 1
-            terms.append(and_(depth))
-        return terms[0] if len(terms) == 1 else lambda m: any(t(m) for t in terms)
+            terms.append(operand())
+        return terms[0] if len(terms) == 1 else lambda m: combine(t(m) for t in terms)
 
-    def and_(depth: int):
-        nonlocal pos
-        terms = [not_(depth)]
-        while peek() == "and":
-            pos += 1
-            terms.append(not_(depth))
-        return terms[0] if len(terms) == 1 else lambda m: all(t(m) for t in terms)
+    def expr(depth: int):
+        return chain("or", lambda: chain("and", lambda: not_(depth), all), any)
 
     def not_(depth: int):
         nonlocal pos

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +12,7 @@ from PIL import Image
 
 from cxr import data
 from cxr.data import DataError
+from cxr.errors import CxrError
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -92,6 +94,25 @@ def test_synthetic_classes_differ_but_not_by_plain_brightness(synthetic):
     brightness = x.mean(dim=(1, 2, 3))
     best = max(((brightness > t) == (y == 1)).float().mean().item() for t in torch.linspace(0, 1, 101))
     assert best < 0.75  # a brightness threshold is no better than guessing "pneumonia" (0.625)
+
+
+# The synthetic data at 28 px, recorded before the renderer moved from cxr.data to cxr.synthetic. numpy and torch
+# pick float32 SIMD kernels (exp, tanh, bicubic, ...) by CPU, so the pixels' last bits differ between machines
+# (up to about 1e-6): labels are compared exactly, pixels by their sums.
+SYNTHETIC_28 = {  # split: (sha256 of y, sum of x, sum of x ** 2)
+    "train": ("2e13724ea3936722b5d66f0ab0d5ead987c13bccc5baf651b2fa1c19687bf116", 1829372.90235, 1055611.84674),
+    "val": ("08e975a4385f315720ae5da9f4c1112fab60e3e9e5071a9cfb7cf99a5b641cf5", 202408.406398, 115872.840729),
+    "test": ("72b53a4dcb635b377865bd479cac9d016b28a6cc980989c932bbb190d4f9435e", 238313.117542, 135065.755000),
+}
+
+
+def test_synthetic_data_is_unchanged(synthetic):
+    for split, (y_sha256, x_sum, x_squares) in SYNTHETIC_28.items():
+        s = getattr(synthetic, split)
+        x = s.x.double()
+        assert hashlib.sha256(s.y.numpy().tobytes()).hexdigest() == y_sha256, split
+        assert x.sum().item() == pytest.approx(x_sum, rel=1e-7), split  # machines differ by about 5e-9
+        assert (x * x).sum().item() == pytest.approx(x_squares, rel=1e-7), split
 
 
 # --- npy (course format) -----------------------------------------------------------------------------
@@ -438,3 +459,52 @@ def test_numpy_integer_image_size_is_the_same_key():
 def test_bad_image_size(size):
     with pytest.raises(DataError, match="image_size"):
         data.load("synthetic", size)
+
+
+# --- the table of sources ------------------------------------------------------------------------------
+
+def test_schemes_and_help_text_come_from_the_table():
+    assert data.SCHEMES == ("synthetic", "synthetic:SEED", "pneumoniamnist", "pneumoniamnist:SIZE", "npz:PATH",
+                            "npz:PATH?holdout=F", "npy:DIR", "folder:DIR")  # as before the table
+    assert data.SCHEMES == tuple(form for source in data.SOURCES.values() for form in source.forms)
+    assert {form.partition(":")[0] for form in data.SCHEMES} == set(data.SOURCES)
+    lines = data.help_text().splitlines()
+    assert len(lines) == len(data.SOURCES)
+    for (scheme, source), line in zip(data.SOURCES.items(), lines, strict=True):
+        assert source.scheme == scheme and all(form.partition(":")[0] == scheme for form in source.forms)
+        assert line.startswith(source.usage) and line.endswith(source.help) and "\n" not in source.help
+    assert data.usage_line() == " | ".join(source.usage for source in data.SOURCES.values())
+    assert data.usage_line().startswith("synthetic[:SEED] | pneumoniamnist[:SIZE] | npz:PATH[?holdout=F]")
+
+
+def test_a_new_source_is_one_table_entry(monkeypatch, request):
+    def constant(source: str, arg: str, size: int) -> data.Dataset:
+        split = data.Split(torch.full((4, 1, size, size), float(arg)), torch.tensor([0, 1, 0, 1]))
+        return data.Dataset(source, f"constant {arg}", True, size, split, split, split)
+
+    monkeypatch.setitem(data.SOURCES, "const", data.Source("const", "const:VALUE", "every pixel VALUE", constant))
+    request.addfinalizer(data.clear_cache)
+    d = data.load("const:0.5", 8)
+    assert d.name == "constant 0.5" and d.test.x.shape == (4, 1, 8, 8) and d.test.x.max() == 0.5
+    assert data.help_text().splitlines()[-1].split() == ["const:VALUE", "every", "pixel", "VALUE"]
+    assert data.usage_line().endswith("folder:DIR | const:VALUE")
+    with pytest.raises(DataError, match="allowed: synthetic, .*, folder:DIR, const:VALUE$"):
+        data.load("const")  # VALUE is required: the colon is outside brackets
+
+
+def test_optional_parts_of_a_usage():
+    source = data.Source("x", "x[:N]", "help", data.load)
+    assert source.forms == ("x", "x:N") and not source.needs_arg
+    source = data.Source("x", "x:PATH[?k=V]", "help", data.load)
+    assert source.forms == ("x:PATH", "x:PATH?k=V") and source.needs_arg
+
+
+def test_data_errors_are_cxr_errors_with_one_line_causes(cache, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("connection refused\n  while resolving zenodo.org")
+
+    monkeypatch.setattr(pytest.importorskip("pooch"), "retrieve", offline)
+    with pytest.raises(CxrError) as err:
+        data.load("pneumoniamnist:64")
+    assert isinstance(err.value, DataError) and isinstance(err.value, ValueError)
+    assert "(OSError: connection refused while resolving zenodo.org)" in str(err.value)

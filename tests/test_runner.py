@@ -255,3 +255,14 @@ def test_throughput_reports_the_ratio_per_batch_size(pytester, tmp_path):
         assert r["train_ratio"] == pytest.approx(r["engine_train_ips"] / r["course_train_ips"], rel=1e-2)
         assert 0 < r["engine_train_mfu"] < 1 and 0 < r["course_train_mfu"] < 1 and r["peak_gflops"] > 0
         assert r["model_mflops"] > 0 and r["eval_ratio"] > 0
+
+
+def test_k_focal_selects_exactly_the_focal_runs(pytester, tmp_path):
+    """A third loss comes from cxr.losses alone: its marker, its -k word and its runs."""
+    folder = write_specs(tmp_path / "specs", "synthetic",
+                         {"l3": dict(loss="ce", lr=0.001, grid='[grid]\nloss = ["bce", "ce", "focal"]')})
+    for expr, loss in (("focal", "focal"), ("ce", "ce"), ("bce", "bce")):
+        ids, throughput, _ = collect(pytester, folder, "-k", expr)
+        assert ids == [f"l3-{loss}-lr0.001-bs32-seed0"] and throughput == 0
+    ids, _, _ = collect(pytester, folder, "-m", "focal")
+    assert ids == ["l3-focal-lr0.001-bs32-seed0"]
