@@ -18,6 +18,7 @@ from torch import nn
 from cxr import data as data_mod
 from cxr import losses
 from cxr.env import resolve_device
+from cxr.errors import one_line
 from cxr.metrics import binary_metrics
 from cxr.models import WeightsError, infer_model
 
@@ -64,8 +65,7 @@ def load_state_dict(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
-        msg = str(e).strip().splitlines()[0] if str(e).strip() else e.__class__.__name__
-        raise WeightsError(f"{path}: cannot load weights ({msg[:200]})") from None
+        raise WeightsError(f"{path}: cannot load weights ({one_line(e, 200)})") from None
     return obj
 
 
@@ -87,7 +87,7 @@ def evaluate_weights(weights: str | Path, normal: str | Path, pneumonia: str | P
         result = evaluate_split(net, x, y, dev)
     except RuntimeError as e:  # e.g. an image too small for the network
         raise WeightsError(f"{weights}: the model cannot run on images of shape {tuple(x.shape[1:])} "
-                           f"({str(e).splitlines()[0][:160]})") from None
+                           f"({one_line(e, 160)})") from None
     m = result["metrics"]
     return {
         "accuracy": m["accuracy"], "n": m["n"], "correct": m["confusion"][0][0] + m["confusion"][1][1],

@@ -13,7 +13,8 @@ from cxr import env, record, results
 from cxr.record import RunRecord
 
 ROOT = Path(__file__).resolve().parents[1]
-V1_FILE = ROOT / "tests" / "fixtures" / "v1" / "recipe-seed-0.json"  # written by commit 31e96ba's code
+# written by the code of commit 31e96ba (schema version 1)
+V1_FILE = ROOT / "tests" / "fixtures" / "v1" / "runs" / "recipe-ce-lr0.002-bs64" / "seed-0.json"
 
 
 def _v2(**changes) -> dict:

@@ -1,7 +1,8 @@
 """The Markdown report: golden files on fabricated results, figure links, sentences, benchmarks.
 
-Result files are fabricated here with the schema cxr.train writes (cxr.spec for the spec and id,
-cxr.metrics for the metrics, cxr.results.write_json to store them), with fixed dates and commit,
+Result files are fabricated here as cxr.train writes them: cxr.spec for the spec and id (with the
+title and grid of the shipped spec files), cxr.metrics for the metrics, cxr.record.RunRecord (schema
+version 2, checked against its JSON Schema) stored with cxr.results.write, with fixed dates and commit,
 so the rendered Markdown is byte-stable. Regenerate the golden files after an intended change:
 
     CXR_UPDATE_GOLDEN=1 python -m pytest tests/test_report.py
@@ -9,28 +10,53 @@ so the rendered Markdown is byte-stable. Regenerate the golden files after an in
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from scipy.stats import norm
 
-from cxr import report, results, stats
+import cxr.report.figures as figures_mod
+from cxr import record, report, results, stats
+from cxr import spec as spec_mod
 from cxr.metrics import binary_metrics
 from cxr.spec import ExperimentSpec
 
+REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 UPDATE = os.environ.get("CXR_UPDATE_GOLDEN") == "1"
 
-# (settings, sweep, spec file) of the shipped specs
-TASK_A = tuple({"name": "loss", "loss": v} for v in ("bce", "ce")), ("loss",), "specs/task-a-loss.toml"
-TASK_LR = tuple({"name": "lr", "lr": v} for v in (0.001, 0.01, 0.1)), ("lr",), "specs/task-b-lr.toml"
-TASK_BS = (tuple({"name": "bs", "batch_size": v} for v in (32, 64, 128)), ("batch_size",),
-           "specs/task-b-batch-size.toml")
+
+@dataclass(frozen=True)
+class Task:
+    """The settings fabricated for one spec file, with the file's sweep, title and grid."""
+
+    settings: tuple  # ExperimentSpec keyword arguments, one per setting
+    sweep: tuple
+    source: str
+    title: str = ""
+    grid: tuple = ()
+
+
+def from_spec_file(path: str | Path, settings: tuple, source: str | None = None) -> Task:
+    """A Task with the sweep, title and grid of a spec file, as cxr.spec.load_file reads them."""
+    first = spec_mod.load_file(path)[0]
+    return Task(settings, first.sweep, source or str(path), first.title, first.grid)
+
+
+def _shipped(name: str, settings: tuple) -> Task:
+    return from_spec_file(REPO / "specs" / name, settings, f"specs/{name}")
+
+
+TASK_A = _shipped("task-a-loss.toml", tuple({"name": "loss", "loss": v} for v in ("bce", "ce")))
+TASK_LR = _shipped("task-b-lr.toml", tuple({"name": "lr", "lr": v} for v in (0.001, 0.01, 0.1)))
+TASK_BS = _shipped("task-b-batch-size.toml", tuple({"name": "bs", "batch_size": v} for v in (32, 64, 128)))
 
 
 def _y_true(n_test: int) -> np.ndarray:
@@ -39,11 +65,12 @@ def _y_true(n_test: int) -> np.ndarray:
     return np.random.default_rng(123).permutation(labels)
 
 
-def fabricate(kw: dict, sweep: tuple, source: str, seed: int, *, acc: float = 0.85, status: str = "ok",
+def fabricate(kw: dict, task: Task, seed: int, *, acc: float = 0.85, status: str = "ok",
               n_test: int = 60, epochs: int = 4, error: str | None = None, stop_epoch: int = 2,
-              index: int = 0) -> dict:
-    """One result dict as cxr.train.run writes it; numbers are deterministic in (id, seed)."""
-    spec = ExperimentSpec(**kw, epochs=epochs, seed=seed, sweep=sweep, source=source)
+              index: int = 0) -> record.RunRecord:
+    """One run record as cxr.train.run writes it; numbers are deterministic in (id, seed)."""
+    spec = ExperimentSpec(**kw, epochs=epochs, seed=seed, sweep=task.sweep, source=task.source, title=task.title,
+                          grid=task.grid)
     rng = np.random.default_rng([seed, zlib.crc32(spec.id.encode())])
     n_hist = {"ok": epochs, "diverged": stop_epoch, "failed": 0}[status]
     history = []
@@ -70,8 +97,8 @@ def fabricate(kw: dict, sweep: tuple, source: str, seed: int, *, acc: float = 0.
         best_epoch = int(epochs - rng.integers(0, 2))
     minute = 10 + 2 * index
     n_normal = round(n_test * 0.375)
-    return {
-        "schema_version": 1, "id": spec.id, "seed": seed, "spec": spec.to_dict(),
+    return record.from_dict({
+        "schema_version": 2, "id": spec.id, "seed": seed, "spec": spec.to_dict(),
         "spec_hash": spec.spec_hash(),
         "status": status, "error": error, "history": history, "best_epoch": best_epoch,
         "metrics": metrics, "predictions": predictions,
@@ -81,7 +108,8 @@ def fabricate(kw: dict, sweep: tuple, source: str, seed: int, *, acc: float = 0.
         "environment": {"python": "3.11.7", "torch": "2.13.0+cpu", "cuda": None, "device": "cpu",
                         "device_name": "x86_64", "cpu": "x86_64, 2 cores, 2 torch threads",
                         "hostname": "fixture",
-                        "git_commit": "abc1234", "started_at": f"2025-03-01T10:{minute:02d}:00+00:00",
+                        "git_commit": "abc1234", "git_dirty": False, "version": "0.0.0",
+                        "started_at": f"2025-03-01T10:{minute:02d}:00+00:00",
                         "finished_at": f"2025-03-01T10:{minute + 1:02d}:30+00:00"},
         "dataset": {"source": "synthetic", "name": "synthetic (procedural, not real X-rays)",
                     "synthetic": True, "image_size": 28,
@@ -89,12 +117,13 @@ def fabricate(kw: dict, sweep: tuple, source: str, seed: int, *, acc: float = 0.
                                "val": {"n": 80, "normal": 20, "pneumonia": 60},
                                "test": {"n": n_test, "normal": n_normal, "pneumonia": n_test - n_normal}}},
         "weights": None if status != "ok" else f"runs/{spec.id}/seed-{seed}/model_weights.pth",
-    }
+        "reused_from": None,
+    }, f"fabricated {spec.run_id}")
 
 
-def write_runs(out: Path, runs: list[dict]) -> Path:
+def write_runs(out: Path, runs: list[record.RunRecord]) -> Path:
     for r in runs:
-        results.write_json(out / "runs" / r["id"] / f"seed-{r['seed']}.json", r)
+        results.write(out, r)
     return out
 
 
@@ -103,20 +132,20 @@ def full_suite(out: Path, n_test: int = 60, epochs: int = 4) -> Path:
     runs, i = [], 0
     accs = {("loss", "bce"): 0.86, ("loss", "ce"): 0.84, ("lr", 0.001): 0.86, ("lr", 0.01): 0.80,
             ("bs", 32): 0.86, ("bs", 64): 0.85, ("bs", 128): 0.80}
-    for settings, sweep, source in (TASK_A, TASK_LR, TASK_BS):
-        for kw in settings:
+    for task in (TASK_A, TASK_LR, TASK_BS):
+        for kw in task.settings:
             for seed in (0, 1, 2):
-                key = (kw["name"], kw[sweep[0] if sweep[0] in kw else "name"])
+                key = (kw["name"], kw[task.sweep[0]])
                 common = dict(n_test=n_test, epochs=epochs, index=i)
                 if kw.get("lr") == 0.1:
                     stop = 1 + seed % 2
-                    r = fabricate(kw, sweep, source, seed, status="diverged", stop_epoch=stop,
+                    r = fabricate(kw, task, seed, status="diverged", stop_epoch=stop,
                                   error=f"non-finite training loss in epoch {stop} (lr 0.1)", **common)
                 elif kw.get("batch_size") == 128 and seed == 1:
-                    r = fabricate(kw, sweep, source, seed, status="failed",
+                    r = fabricate(kw, task, seed, status="failed",
                                   error="RuntimeError: out of memory", **common)
                 else:
-                    r = fabricate(kw, sweep, source, seed, acc=accs[key], **common)
+                    r = fabricate(kw, task, seed, acc=accs[key], **common)
                 runs.append(r)
                 i += 1
     return write_runs(out, runs)
@@ -124,16 +153,14 @@ def full_suite(out: Path, n_test: int = 60, epochs: int = 4) -> Path:
 
 def partial_suite(out: Path) -> Path:
     """Task B learning rate only, one seed, lr 0.1 never run: two tasks and a setting missing."""
-    settings, sweep, source = TASK_LR
-    runs = [fabricate(kw, sweep, source, 0, acc=a, index=i)
-            for i, (kw, a) in enumerate(zip(settings[:2], (0.85, 0.80), strict=True))]
+    runs = [fabricate(kw, TASK_LR, 0, acc=a, index=i)
+            for i, (kw, a) in enumerate(zip(TASK_LR.settings[:2], (0.85, 0.80), strict=True))]
     return write_runs(out, runs)
 
 
 def diverged_suite(out: Path) -> Path:
     """Only diverged runs: Task B learning rate 0.1, two seeds."""
-    settings, sweep, source = TASK_LR
-    runs = [fabricate(settings[2], sweep, source, s, status="diverged", stop_epoch=1, index=s,
+    runs = [fabricate(TASK_LR.settings[2], TASK_LR, s, status="diverged", stop_epoch=1, index=s,
                       error="non-finite training loss in epoch 1 (lr 0.1)") for s in (0, 1)]
     return write_runs(out, runs)
 
@@ -152,8 +179,9 @@ def golden(name: str, text: str) -> None:
 @pytest.mark.parametrize(("name", "make"), [("report-full.md", full_suite),
                                             ("report-partial.md", partial_suite),
                                             ("report-diverged.md", diverged_suite)])
-def test_golden(tmp_path, name, make):
-    out = report.render(make(tmp_path / "results"), figures=False)
+def test_golden(tmp_path, monkeypatch, name, make):
+    monkeypatch.chdir(REPO)  # spec files are named relative to the current directory
+    out = report.render(make(tmp_path / "results"), figures=False, specs=[REPO / "specs"])
     text = out.read_text(encoding="utf-8")
     assert out == tmp_path / "results" / "report.md"
     assert str(tmp_path) not in text and "/work/" not in text  # no absolute paths
@@ -162,8 +190,8 @@ def test_golden(tmp_path, name, make):
 
 def test_full_report_numbers_agree_with_the_runs(tmp_path):
     text = report.render(full_suite(tmp_path), figures=False).read_text()
-    runs = [r for r in results.load_all(tmp_path) if r["id"] == "loss-bce-lr0.001-bs32"]
-    acc = stats.mean_std_ci([r["metrics"]["test"]["accuracy"] for r in runs], bounds=(0, 1))
+    runs = [r for r in results.load_all(tmp_path) if r.id == "loss-bce-lr0.001-bs32"]
+    acc = stats.mean_std_ci([r.test("accuracy") for r in runs], bounds=(0, 1))
     row = next(line for line in text.splitlines() if line.startswith("| BCE | 3 ok |"))
     assert f"| {report.pct_ms(acc)} | {report.pct_ci(acc)} |" in row
     # lr 0.1 diverged in every seed: counted, listed, never averaged in
@@ -179,10 +207,10 @@ def test_full_report_numbers_agree_with_the_runs(tmp_path):
 
 
 def test_partial_report_says_what_is_missing(tmp_path):
-    text = report.render(partial_suite(tmp_path), figures=False).read_text()
+    text = report.render(partial_suite(tmp_path), figures=False, specs=[REPO / "specs"]).read_text()
     assert "- Task A: BCE vs CE: **not run**" in text
     assert "- Task B: batch size: **not run**" in text
-    assert "**Missing:** Not run: learning rate 0.1 (the course's grid is 0.001, 0.01, 0.1)." in text
+    assert "**Missing:** Not run: learning rate 0.1 (the spec file's grid is 0.001, 0.01, 0.1)." in text
     assert "a standard deviation and a 95% interval need two seeds, so they show as n/a." in text
     assert "| learning rate 0.001 | 1 ok |" in text and "± n/a | n/a |" in text
     # one seed: McNemar and the image bootstrap still run, and say what they cover
@@ -190,18 +218,16 @@ def test_partial_report_says_what_is_missing(tmp_path):
 
 
 def test_missing_seed_is_reported(tmp_path):
-    settings, sweep, source = TASK_A
-    runs = [fabricate(settings[0], sweep, source, s) for s in (0, 1)]
-    runs.append(fabricate(settings[1], sweep, source, 0))
+    runs = [fabricate(TASK_A.settings[0], TASK_A, s) for s in (0, 1)]
+    runs.append(fabricate(TASK_A.settings[1], TASK_A, 0))
     text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
     assert "**Missing:** CE has no result for seed 1 (other settings have seeds 0, 1)." in text
     assert re.search(r"\| (BCE − CE|CE − BCE) \| 0 \|", text)  # paired on the shared seed only
 
 
 def test_reused_runs_are_noted_and_not_timed_twice(tmp_path):
-    settings, sweep, source = TASK_LR
-    runs = [fabricate(settings[0], sweep, source, 0), fabricate(settings[1], sweep, source, 0)]
-    runs[1]["reused_from"] = "loss-ce-lr0.01-bs32"  # train.py copies a run with the same recipe
+    runs = [fabricate(TASK_LR.settings[0], TASK_LR, 0), fabricate(TASK_LR.settings[1], TASK_LR, 0)]
+    runs[1] = dataclasses.replace(runs[1], reused_from="loss-ce-lr0.01-bs32")  # train.py copies a same recipe
     text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
     assert "| Runs | 2: 2 ok, 0 diverged, 0 failed; 1 reused the stored result of an identical run" in text
     assert "| Total time | 6.2 s of training and evaluation over 1 run;" in text  # 6.0 s + 0.2 s eval
@@ -209,16 +235,19 @@ def test_reused_runs_are_noted_and_not_timed_twice(tmp_path):
 
 
 def test_empty_and_absent_results_dir(tmp_path):
-    text = report.render(tmp_path, figures=False).read_text()
+    text = report.render(tmp_path, figures=False, specs=[REPO / "specs"]).read_text()
     assert "**No results.**" in text and text.count("**not run**") == 3
+    assert str(REPO) not in text  # spec files named relative to the current directory
+    # without spec files the report expects nothing
+    text = report.render(tmp_path, figures=False).read_text()
+    assert "**No results.**" in text and "not run" not in text and "## Task" not in text
     with pytest.raises(report.ReportError, match="no such results directory"):
         report.render(tmp_path / "nope")
 
 
 def test_different_test_sets_get_no_paired_test(tmp_path):
-    settings, sweep, source = TASK_A
-    runs = [fabricate(settings[0], sweep, source, 0, n_test=60),
-            fabricate(settings[1], sweep, source, 0, n_test=40)]
+    runs = [fabricate(TASK_A.settings[0], TASK_A, 0, n_test=60),
+            fabricate(TASK_A.settings[1], TASK_A, 0, n_test=40)]
     text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
     assert "No paired test: the runs were not evaluated on the same test images" in text
 
@@ -240,10 +269,10 @@ def test_every_linked_figure_exists(tmp_path):
 
 
 def test_other_comparisons_two_keys_and_no_sweep(tmp_path):
-    sweep, source = ("lr", "batch_size"), "specs/grid.toml"
-    runs = [fabricate({"name": "grid", "lr": lr, "batch_size": bs}, sweep, source, 0, n_test=40, epochs=2)
+    grid = Task((), ("lr", "batch_size"), "specs/grid.toml", "", (("lr", (0.001, 0.01)), ("batch_size", (32, 64))))
+    runs = [fabricate({"name": "grid", "lr": lr, "batch_size": bs}, grid, 0, n_test=40, epochs=2)
             for lr in (0.001, 0.01) for bs in (32, 64)]
-    runs.append(fabricate({"name": "single"}, (), "specs/single.toml", 0, n_test=40, epochs=2))
+    runs.append(fabricate({"name": "single"}, Task((), (), "specs/single.toml"), 0, n_test=40, epochs=2))
     out = report.render(write_runs(tmp_path, runs))
     text = out.read_text()
     assert "## Other comparisons" in text
@@ -293,8 +322,9 @@ def test_mcnemar_sentence_counts():
 
 def _setting(label, accs, aurocs=None, statuses=None, values=(0.0,)):
     statuses = statuses or ["ok"] * len(accs)
-    runs = tuple({"seed": i, "status": st, "history": [{}] * 2} for i, st in enumerate(statuses))
-    ok = tuple(r for r in runs if r["status"] == "ok")
+    runs = tuple(record.RunRecord(id="x", seed=i, spec={}, spec_hash="0" * 16, status=st, environment={},
+                                  history=({}, {})) for i, st in enumerate(statuses))
+    ok = tuple(r for r in runs if r.ok)
     none = stats.mean_std_ci([])
     return report.Setting(values=values, label=label, runs=runs, ok=ok, accuracy=stats.mean_std_ci(accs),
                           auroc=stats.mean_std_ci(aurocs or [0.9] * len(accs)), sensitivity=none,
@@ -406,3 +436,132 @@ def test_pair_sentence_flags_an_unadjusted_interval_that_excludes_zero():
     assert "suggestive" not in report.pair_sentence("lr 0.01", "lr 0.001", boot, 0.052)  # one test: no Holm
     assert "suggestive" not in report.pair_sentence("a", "b", BOOT, 0.6, n_tests=2)  # interval holds 0
     assert "suggestive" not in report.pair_sentence("a", "b", boot, 0.01, n_tests=2)  # already evidence
+
+
+# ------------------------------------------------------------------- records, data model, specs
+
+V1 = FIXTURES / "v1"  # a result file as the code before cxr.record wrote it (schema version 1), unchanged
+
+
+def test_schema_version_1_result_is_rendered(tmp_path):
+    raw = json.loads((V1 / "runs/recipe-ce-lr0.002-bs64/seed-0.json").read_text())
+    assert raw["schema_version"] == 1 and "reused_from" not in raw
+    out = report.render(V1, tmp_path / "report.md")
+    text = out.read_text()
+    test = raw["metrics"]["test"]
+    assert (f"| `recipe-ce-lr0.002-bs64` | 0 | ok | {report.pct(test['accuracy'])} | {report.num(test['auroc'])} | "
+            f"{raw['best_epoch']} of 30 | {report.secs(raw['timing']['train_seconds'])} |  |") in text
+    assert f"| recipe-ce-lr0.002-bs64 | 1 ok | {report.pct(test['accuracy'])[:-1]} ± n/a |" in text
+    assert "| Training | adamw, schedule onecycle, weight decay 0.05, label smoothing 0.1" in text
+    assert "| Commit | 31e96ba |" in text
+    # written before spec titles: no section of its own, no grid to miss
+    assert "## Other comparisons" in text and "- Other: `recipe`, 1 setting, 1 run (1 ok)." in text
+    assert "Missing:" not in text and "not run" not in text
+    assert "source `npz:pneumoniamnist-trainval.npz?holdout=0.5`" in text and "/work/" not in text
+    assert {p.name for p in (tmp_path / "figures").iterdir()} == {"recipe-single-curves.png",
+                                                                   "recipe-single-roc.png"}
+
+
+def test_comparison_and_setting_are_immutable(tmp_path):
+    runs = [fabricate(kw, TASK_A, s, n_test=40, epochs=2) for kw in TASK_A.settings for s in (0, 1)]
+    (c,) = report.comparisons(results.load_all(write_runs(tmp_path, runs)))
+    assert c.section == "Task A: BCE vs CE" and dict(c.grid) == {"loss": ("bce", "ce")}
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.title = "changed"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.settings[0].label = "changed"
+    for field in ("sweep", "settings", "pairs", "not_ok", "missing", "sentences", "figures", "grid"):
+        assert isinstance(getattr(c, field), tuple), field
+    s = c.settings[0]
+    assert isinstance(s.runs, tuple) and isinstance(s.ok, tuple) and isinstance(s.values, tuple)
+    with pytest.raises(TypeError):
+        s.accuracy["mean"] = 0.5  # summaries are read-only mappings
+    with pytest.raises(TypeError):
+        c.test_set["n"] = 1
+    with pytest.raises(TypeError):
+        c.pairs[0].boot["p_value"] = 0.0
+    with pytest.raises(AttributeError):
+        c.figures.append(None)
+    # figures make a new comparison; the one drawn from is unchanged
+    drawn = figures_mod.with_figures(c, tmp_path / "figures")
+    assert c.figures == () and isinstance(drawn.figures, tuple) and len(drawn.figures) == len(report.FIGURE_KINDS)
+    assert drawn.settings is c.settings and drawn.title == c.title
+
+
+def test_figure_table_is_the_single_source(tmp_path, monkeypatch):
+    runs = [fabricate(kw, TASK_A, s, n_test=40, epochs=2) for kw in TASK_A.settings for s in (0, 1)]
+    results_dir = write_runs(tmp_path / "results", runs)
+    out = report.render(results_dir, tmp_path / "site" / "report.md")
+    text = out.read_text()
+    names = {p.name for p in (out.parent / "figures").iterdir()}
+    assert names == {f"loss-{kind.kind}.png" for kind in report.FIGURE_KINDS}
+    for kind in report.FIGURE_KINDS:
+        assert f"![loss: {kind.alt}](figures/loss-{kind.kind}.png)" in text
+    # adding a figure is one entry in the table: file, link, alt text and caption follow from it
+    def draw(c, path):
+        return report.accuracy_figure(c, path) and "An extra figure."
+
+    extra = report.FigureKind("extra", "an extra view", draw)
+    monkeypatch.setattr(figures_mod, "FIGURE_KINDS", (*report.FIGURE_KINDS, extra))
+    text = report.render(results_dir, tmp_path / "site2" / "report.md").read_text()
+    assert "![loss: an extra view](figures/loss-extra.png)\n\n*An extra figure.*" in text
+    assert (tmp_path / "site2" / "figures" / "loss-extra.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_spec_title_is_the_heading_and_its_grid_names_what_is_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    (specs / "focal.toml").write_text('[experiment]\nname = "focal"\ntitle = "Focal loss or not"\nepochs = 2\n'
+                                      'seeds = [0]\n\n[grid]\nloss = ["ce", "focal", "bce"]\n')
+    (specs / "later.toml").write_text('[experiment]\nname = "later"\ntitle = "Planned: weight decay"\n\n'
+                                      '[grid]\nweight_decay = [0.0, 0.05]\n')
+    (specs / "untitled.toml").write_text('[experiment]\nname = "untitled"\n')
+    task = from_spec_file(specs / "focal.toml", ({"name": "focal", "loss": "ce"}, {"name": "focal", "loss": "focal"}))
+    assert task.title == "Focal loss or not" and task.grid == (("loss", ("ce", "focal", "bce")),)
+    results_dir = write_runs(tmp_path / "results", [fabricate(kw, task, 0, epochs=2) for kw in task.settings])
+    text = report.render(results_dir, figures=False, specs=[specs]).read_text()
+    assert "\n## Focal loss or not\n\n### `focal`: CE vs focal\n" in text
+    assert "- Focal loss or not: `focal`, 2 settings, 2 runs (2 ok); **incomplete** (1 gap listed below)." in text
+    assert "**Missing:** Not run: BCE (the spec file's grid is CE, focal, BCE)." in text
+    # a titled spec file without results: not run, named relative to the current directory
+    assert ("- Planned: weight decay: **not run** (no results of a spec that sweeps `weight_decay`, e.g. "
+            "`specs/later.toml`).") in text
+    assert "**Not run.** There are no results of a spec that sweeps `weight_decay`; `cxr-bench run " \
+           "specs/later.toml` produces them." in text
+    assert text.index("## Focal loss or not") < text.index("## Planned: weight decay")  # spec file order
+    assert "untitled" not in text and "Other" not in text and str(tmp_path) not in text
+    # without the spec files the results still carry their title; nothing else is expected
+    text = report.render(results_dir, figures=False).read_text()
+    assert "\n## Focal loss or not\n" in text and "Planned" not in text
+    assert "**Missing:** Not run: BCE (the spec file's grid is CE, focal, BCE)." in text
+
+
+def test_loss_labels_come_from_the_loss_table():
+    assert [report.value_text("loss", v) for v in ("bce", "ce", "focal")] == ["BCE", "CE", "focal"]
+    assert report.setting_label(("loss",), ("focal",)) == "focal"
+    assert report.setting_label(("lr", "loss"), (0.01, "bce")) == "learning rate 0.01, loss function BCE"
+
+
+def test_missing_grid_points_of_a_two_key_grid():
+    runs = (record.RunRecord(id="x", seed=0, spec={}, spec_hash="0" * 16, status="ok", environment={}),)
+    none = stats.mean_std_ci([])
+    settings = [report.Setting(values=v, label="", runs=runs, ok=runs, accuracy=none, auroc=none, sensitivity=none,
+                               specificity=none, train_loss=none, train_seconds=none, images_per_second=none,
+                               best_epochs="n/a", n_diverged=0, n_failed=0) for v in ((0.001, 32), (0.01, 64))]
+    grid = {"lr": (0.001, 0.01), "batch_size": (32, 64)}
+    assert report.missing_sentences(("lr", "batch_size"), grid, settings) == [
+        "Not run: learning rate 0.001, batch size 64; learning rate 0.01, batch size 32 (the spec file's grid is "
+        "learning rate 0.001, 0.01 × batch size 32, 64)."]
+    assert report.missing_sentences(("lr", "batch_size"), {}, settings) == []  # written before grids
+
+
+def test_report_error_is_a_cxr_error():
+    from cxr.errors import CxrError
+
+    assert issubclass(report.ReportError, CxrError)
+
+
+def test_modules_stay_small():
+    for path in Path(report.__file__).parent.glob("*.py"):
+        assert len(path.read_text().splitlines()) < 400, path.name

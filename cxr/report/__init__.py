@@ -1,0 +1,90 @@
+"""The Markdown report: tables, paired tests, figures and analysis sentences from stored results.
+
+`render(results_dir)` reads every results/runs/<id>/seed-<n>.json (cxr.results.load_all: RunRecord
+objects), groups the runs into comparisons (all runs sharing spec.name and spec.sweep; a setting is one
+value of the swept key(s)), computes the statistics (cxr.stats), draws the figures (matplotlib, PNG)
+into <out dir>/figures and renders templates/report.md.j2 (Jinja2, StrictUndefined).
+
+    format     how numbers, intervals, p-values and swept values read; the Jinja filters
+    prose      the analysis sentences, each built under a condition that makes it true
+    model      Setting, Pair, Comparison (immutable) and how runs are grouped and tested
+    figures    FIGURE_KINDS, the one table of figures: file suffix, alt text, draw function
+    info       the "What was run" rows and the "All runs" table
+    timings    pytest-benchmark JSON as tables
+    template   the Jinja environment, the context, the sections, render()
+
+The report knows no course: section headings are the spec files' titles (spec.title) and the grid
+it expects is the spec file's (spec.grid).
+"""
+
+from cxr.report.figures import FIGURE_KINDS, FigureKind, accuracy_figure, curves_figure, roc_figure, with_figures
+from cxr.report.format import (
+    FILTERS,
+    KEY_NAMES,
+    capfirst,
+    cell,
+    duration,
+    fmt_seeds,
+    key_name,
+    num,
+    num_ci,
+    num_ms,
+    p_text,
+    pct,
+    pct_ci,
+    pct_ms,
+    plural,
+    pt,
+    pts,
+    pval,
+    rate,
+    secs,
+    setting_label,
+    value_text,
+)
+from cxr.report.info import _training, run_info, run_rows
+from cxr.report.model import (
+    BOOT_SEED,
+    N_BOOT,
+    UNIT,
+    Comparison,
+    Figure,
+    Pair,
+    ReportError,
+    Setting,
+    comparison,
+    comparisons,
+)
+from cxr.report.prose import (
+    ALPHA,
+    analysis_sentences,
+    baseline_sentences,
+    best_sentences,
+    grid_text,
+    mcnemar_sentence,
+    missing_sentences,
+    pair_sentence,
+    status_sentences,
+    trend_sentence,
+)
+from cxr.report.template import Expected, Section, context, environment, expected, render, sections, templates_dir
+from cxr.report.timings import benchmarks
+
+__all__ = [
+    # rendering
+    "render", "context", "environment", "templates_dir", "sections", "expected", "Section", "Expected",
+    "ReportError",
+    # data model
+    "Setting", "Pair", "Comparison", "Figure", "comparison", "comparisons", "N_BOOT", "BOOT_SEED", "UNIT",
+    # formatting (the Jinja filters)
+    "FILTERS", "KEY_NAMES", "pct", "num", "pct_ms", "pct_ci", "num_ms", "num_ci", "pval", "p_text", "pts",
+    "pt", "secs", "rate", "duration", "capfirst", "cell", "plural", "fmt_seeds", "key_name", "value_text",
+    "setting_label",
+    # sentences
+    "ALPHA", "pair_sentence", "mcnemar_sentence", "best_sentences", "trend_sentence", "baseline_sentences",
+    "status_sentences", "missing_sentences", "analysis_sentences", "grid_text",
+    # figures
+    "FigureKind", "FIGURE_KINDS", "with_figures", "curves_figure", "roc_figure", "accuracy_figure",
+    # what was run, timings
+    "run_info", "run_rows", "_training", "benchmarks",
+]

@@ -1,0 +1,267 @@
+"""The report's data model: runs grouped into comparisons and settings, with their paired tests.
+
+A comparison is every run sharing spec.name and spec.sweep; a setting is one value of the swept
+key(s) (without a sweep, one run id). Only runs with status "ok" enter means, intervals and tests;
+diverged and failed runs are counted and listed. Every object here is immutable: frozen dataclasses
+holding tuples and read-only mappings, built once by `comparison`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from types import MappingProxyType
+
+import numpy as np
+
+from cxr import stats
+from cxr.errors import CxrError
+from cxr.record import DIVERGED, FAILED, OK, RunRecord
+from cxr.report.format import key_name, plural, setting_label, value_text
+from cxr.report.prose import analysis_sentences, mcnemar_sentence, missing_sentences, pair_sentence
+
+N_BOOT = 2000  # paired bootstrap resamples
+BOOT_SEED = 0  # numpy Generator seed of the bootstrap, so a report is reproducible
+UNIT = (0.0, 1.0)  # fractions: t intervals are clipped to it
+
+
+class ReportError(CxrError):
+    """Input the report cannot use; the message is one line naming the file."""
+
+
+def _freeze(obj, mappings: tuple[str, ...] = (), sequences: tuple[str, ...] = ()) -> None:
+    """In __post_init__: dict fields become read-only mappings, sequence fields tuples."""
+    for name in mappings:
+        value = getattr(obj, name)
+        if value is not None and not isinstance(value, MappingProxyType):
+            object.__setattr__(obj, name, MappingProxyType(dict(value)))
+    for name in sequences:
+        object.__setattr__(obj, name, tuple(getattr(obj, name)))
+
+
+@dataclass(frozen=True)
+class Figure:
+    path: str  # relative to the report, e.g. "figures/lr-curves.png"
+    caption: str
+    alt: str
+
+
+@dataclass(frozen=True, eq=False)  # compared by identity: settings hold many runs
+class Setting:
+    values: tuple
+    label: str
+    runs: tuple[RunRecord, ...]  # every run of this setting, by seed
+    ok: tuple[RunRecord, ...]  # the runs with status "ok"
+    accuracy: dict  # mean_std_ci summaries over the ok runs (read-only)
+    auroc: dict
+    sensitivity: dict
+    specificity: dict
+    train_loss: dict  # final epoch
+    train_seconds: dict
+    images_per_second: dict
+    best_epochs: str  # per seed, e.g. "7, 9, 8 of 10"
+    n_diverged: int
+    n_failed: int
+
+    def __post_init__(self):
+        _freeze(self, ("accuracy", "auroc", "sensitivity", "specificity", "train_loss", "train_seconds",
+                       "images_per_second"), ("values", "runs", "ok"))
+
+    @property
+    def seeds(self) -> tuple[int, ...]:
+        return tuple(r.seed for r in self.runs)
+
+    @property
+    def runs_text(self) -> str:
+        return _status_counts(len(self.ok), self.n_diverged, self.n_failed)
+
+
+def _status_counts(n_ok: int, n_diverged: int, n_failed: int) -> str:
+    parts = [f"{n_ok} ok"] + [f"{n} {what}" for n, what in ((n_diverged, DIVERGED), (n_failed, FAILED)) if n]
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class Pair:
+    a: str  # the better setting by mean test accuracy
+    b: str
+    seeds: tuple  # seeds with an ok run in both
+    n_images: int
+    boot: dict  # stats.paired_bootstrap of accuracy(a) - accuracy(b) (read-only)
+    p_adjusted: float  # Holm over the pairs of the comparison (= boot p with one pair)
+    mcnemar: tuple  # ({"seed", "b", "c", "p_value"}, ...)
+    sentences: tuple
+
+    def __post_init__(self):
+        _freeze(self, ("boot",), ("seeds", "sentences"))
+        object.__setattr__(self, "mcnemar", tuple(MappingProxyType(dict(m)) for m in self.mcnemar))
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    sweep: tuple
+    section: str  # the spec file's title, e.g. "Task A: BCE vs CE"; "" for runs without one
+    grid: tuple  # the spec file's [grid] as ((key, (values...)), ...): what was meant to run
+    slug: str
+    title: str
+    sources: str
+    settings: tuple[Setting, ...]
+    test_set: dict | None  # {"n", "normal", "pneumonia"} shared by every ok run, or None
+    pairs: tuple[Pair, ...]
+    pair_scheme: str  # how pairs were chosen, or why there is no test
+    not_ok: tuple[RunRecord, ...]  # runs that diverged or failed
+    missing: tuple[str, ...]  # sentences: settings or seeds not run
+    sentences: tuple[str, ...]  # analysis
+    figures: tuple[Figure, ...] = ()  # drawn by cxr.report.figures.with_figures, which returns a new one
+
+    def __post_init__(self):
+        _freeze(self, ("test_set",), ("sweep", "settings", "pairs", "not_ok", "missing", "sentences", "figures"))
+        object.__setattr__(self, "grid", tuple((k, tuple(v)) for k, v in self.grid))
+
+    @property
+    def n_runs(self) -> int:
+        return sum(len(s.runs) for s in self.settings)
+
+    @property
+    def runs_text(self) -> str:
+        return _status_counts(sum(len(s.ok) for s in self.settings), sum(s.n_diverged for s in self.settings),
+                              sum(s.n_failed for s in self.settings))
+
+
+# ------------------------------------------------------------------------------ building
+
+def _setting(sweep: tuple, values: tuple, runs: list[RunRecord]) -> Setting:
+    runs = sorted(runs, key=lambda r: r.seed)
+    ok = tuple(r for r in runs if r.status == OK)
+    epochs = sorted({r.spec["epochs"] for r in ok})
+    best = ", ".join(str(r.best_epoch) for r in ok)
+    best_epochs = f"{best} of {'/'.join(map(str, epochs))}" if ok else "n/a"
+    return Setting(
+        values=values, label=setting_label(sweep, values), runs=tuple(runs), ok=ok,
+        accuracy=stats.mean_std_ci([r.test("accuracy") for r in ok], bounds=UNIT),
+        auroc=stats.mean_std_ci([r.test("auroc") for r in ok], bounds=UNIT),
+        sensitivity=stats.mean_std_ci([r.test("sensitivity") for r in ok], bounds=UNIT),
+        specificity=stats.mean_std_ci([r.test("specificity") for r in ok], bounds=UNIT),
+        train_loss=stats.mean_std_ci([r.final("train_loss") for r in ok]),
+        train_seconds=stats.mean_std_ci([r.timing_of("train_seconds") for r in ok]),
+        images_per_second=stats.mean_std_ci([r.timing_of("images_per_second") for r in ok]),
+        best_epochs=best_epochs,
+        n_diverged=sum(r.status == DIVERGED for r in runs),
+        n_failed=sum(r.status == FAILED for r in runs),
+    )
+
+
+def _test_set(settings) -> tuple[dict | None, np.ndarray | None, str]:
+    """The y_true shared by every ok run with predictions, or (None, None, why not)."""
+    ys = [r.predictions["y_true"] for s in settings for r in s.ok if r.predictions]
+    if not ys:
+        return None, None, "no finished run with stored test predictions"
+    if any(y != ys[0] for y in ys[1:]):
+        return None, None, "the runs were not evaluated on the same test images (their y_true differ)"
+    y = np.asarray(ys[0])
+    return {"n": int(y.size), "normal": int(np.sum(y == 0)), "pneumonia": int(np.sum(y == 1))}, y, ""
+
+
+def _pairs(settings, y_true) -> tuple[list[Pair], str]:
+    testable = [s for s in settings if any(r.predictions for r in s.ok)]
+    if len(settings) < 2:
+        return [], "one setting only, nothing to compare"
+    if len(testable) < 2:
+        return [], "fewer than two settings have finished runs with test predictions"
+    best = max(testable, key=lambda s: s.accuracy["mean"])  # first of equals, in setting order
+    others = [s for s in testable if s is not best]
+    untested = [f"{s.label} (no finished run)" for s in settings if s not in testable]
+    raw = []
+    for other in others:
+        by_seed_a = {r.seed: r for r in best.ok if r.predictions}
+        by_seed_b = {r.seed: r for r in other.ok if r.predictions}
+        seeds = sorted(set(by_seed_a) & set(by_seed_b))
+        if not seeds:
+            untested.append(f"{other.label} (no finished seed in common with {best.label})")
+            continue
+        pa = np.asarray([by_seed_a[s].predictions["y_pred"] for s in seeds])
+        pb = np.asarray([by_seed_b[s].predictions["y_pred"] for s in seeds])
+        boot = stats.paired_bootstrap(y_true, pa, pb, n_boot=N_BOOT, seed=BOOT_SEED)
+        mc = tuple({"seed": s, **stats.mcnemar(y_true, pa[i], pb[i])} for i, s in enumerate(seeds))
+        raw.append((other, seeds, boot, mc))
+    if not raw:
+        return [], "the settings share no seed with finished runs"
+    if len(settings) == 2:
+        scheme = "the two settings on the same test images"
+    else:
+        scheme = f"each setting against the most accurate one ({best.label})" + \
+            (", the p-values adjusted with Holm's method" if len(raw) > 1 else "") + \
+            (f"; not tested: {', '.join(untested)}" if untested else "")
+    adjusted = stats.holm([boot["p_value"] for _, _, boot, _ in raw])
+    pairs = [Pair(a=best.label, b=other.label, seeds=tuple(seeds), n_images=int(y_true.size), boot=boot,
+                  p_adjusted=p, mcnemar=mc,
+                  sentences=(pair_sentence(best.label, other.label, boot, p, len(raw)), mcnemar_sentence(mc)))
+             for (other, seeds, boot, mc), p in zip(raw, adjusted, strict=True)]
+    return pairs, scheme
+
+
+def _slug(name: str, sweep: tuple) -> str:
+    tail = "" if sweep == (name,) else "-" + ("-".join(sweep) or "single")
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name + tail)
+
+
+def _title(name: str, sweep: tuple, settings) -> str:
+    """The comparison's own heading: "`loss`: BCE vs CE", "`lr`: learning rate 0.001 / 0.01", ..."""
+    if sweep == ("loss",):
+        return f"`{name}`: {' vs '.join(s.label for s in settings)}"
+    if len(sweep) == 1:
+        return f"`{name}`: {key_name(sweep[0])} {' / '.join(value_text(sweep[0], s.values[0]) for s in settings)}"
+    if sweep:
+        return f"`{name}`: {' × '.join(map(key_name, sweep))}, {plural(len(settings), 'setting')}"
+    return f"`{name}`: one experiment"
+
+
+def _section(runs: list[RunRecord]) -> str:
+    """The spec title most of the runs carry (records written before titles carry none: "")."""
+    titles = Counter(r.spec.get("title") or "" for r in runs)
+    titles.pop("", None)
+    return min(titles, key=lambda t: (-titles[t], t)) if titles else ""
+
+
+def _grid(runs: list[RunRecord]) -> tuple:
+    """The spec file's grid from the runs' specs: every key's values, in the file's order, over all runs."""
+    grid: dict[str, list] = {}
+    for r in runs:
+        for key, values in (r.spec.get("grid") or {}).items():
+            seen = grid.setdefault(key, [])
+            seen.extend(v for v in values if v not in seen)
+    return tuple((k, tuple(v)) for k, v in grid.items())
+
+
+def comparison(runs: list[RunRecord]) -> Comparison:
+    """One comparison from the runs sharing (spec.name, spec.sweep)."""
+    name, sweep = runs[0].spec["name"], tuple(runs[0].spec.get("sweep") or ())
+    groups: dict[tuple, list] = {}
+    for r in runs:
+        key = tuple(r.spec[k] for k in sweep) if sweep else (r.id,)
+        groups.setdefault(key, []).append(r)
+    keys = sorted(groups, key=lambda k: tuple((isinstance(v, str), v) for v in k))
+    settings = tuple(_setting(sweep, k, groups[k]) for k in keys)
+    test_set, y_true, why = _test_set(settings)
+    pairs, scheme = _pairs(settings, y_true) if y_true is not None else ([], why)
+    grid = _grid(runs)
+    return Comparison(
+        name=name, sweep=sweep, section=_section(runs), grid=grid, slug=_slug(name, sweep),
+        title=_title(name, sweep, settings),
+        sources=", ".join(sorted({Path(r.spec.get("source") or "?").name for r in runs})),
+        settings=settings, test_set=test_set, pairs=tuple(pairs), pair_scheme=scheme,
+        not_ok=tuple(r for s in settings for r in s.runs if r.status != OK),
+        missing=tuple(missing_sentences(sweep, dict(grid), settings)),
+        sentences=tuple(analysis_sentences(sweep, settings, test_set)),
+    )
+
+
+def comparisons(results: list[RunRecord]) -> list[Comparison]:
+    """Group runs by (spec.name, spec.sweep), in that order."""
+    groups: dict[tuple, list] = {}
+    for r in results:
+        groups.setdefault((r.spec["name"], tuple(r.spec.get("sweep") or ())), []).append(r)
+    return [comparison(groups[k]) for k in sorted(groups)]
