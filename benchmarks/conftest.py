@@ -8,8 +8,10 @@
 Cases. One per (experiment, seed), with the run id as its pytest id, e.g.
 `test_experiment[loss-ce-lr0.001-bs32-seed0]`. Each goes through `cxr.train.run`, the engine of
 `cxr-bench run`, into the same results store (--out, default results/): a run already stored with
-the same spec hash is reported from the store (extra_info "cached": true), not trained again,
-unless --rerun. --specs, --data, --epochs, --seeds and --device work as in `cxr-bench run`.
+the same identity (recipe, data content, training version) is reported from the store (extra_info
+"cached": true), not trained again, unless --rerun; a stored result of another recipe or data under
+the same id fails the case with the store's one-line error (README "Results"). --specs, --data,
+--epochs, --seeds and --device work as in `cxr-bench run`.
 
 Selecting with -k. pytest's -k is a case-insensitive substring match over a case's names and
 markers, and "ce" is inside "bce": plain pytest runs the BCE cases for `-k ce`. Here the words
@@ -49,7 +51,7 @@ import torch
 from _pytest.mark import KeywordMatcher  # pytest's -k matcher: used as is, only the loss words differ
 
 from cxr import data as data_mod
-from cxr import keyword
+from cxr import keyword, results
 from cxr import spec as spec_mod
 from cxr.env import DEVICES, resolve_device
 from cxr.errors import CxrError
@@ -104,6 +106,11 @@ def _settings(config: pytest.Config) -> Settings:
     if images is not None and images < 2:
         raise pytest.UsageError(f"--throughput-images {images}: expected an integer >= 2")
     out = here / config.getoption("out")
+    if not config.option.collectonly:  # fail before any case trains, not at the first store
+        try:
+            results.check_writable(out)
+        except CxrError as e:
+            raise pytest.UsageError(str(e)) from None
     return Settings(tuple(specs), paths, out, device, config.getoption("rerun"), images)
 
 

@@ -33,7 +33,8 @@ def cmd_specs(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from cxr import train
+    from cxr import results, train
+    from cxr.data import load
     from cxr.env import resolve_device
 
     specs = _specs(args)
@@ -41,10 +42,22 @@ def cmd_run(args) -> int:
         print("cxr-bench run: no experiments selected", file=sys.stderr)
         return USER_ERROR
     device = resolve_device(args.device)
+    results.check_writable(args.out)  # before any training
+    if not args.rerun:  # a stored result of another recipe or data: refuse before training anything
+        conflicts = [why for s in specs
+                     if (why := train.conflict(args.out, s, train.identity(s, load(s.dataset, s.image_size))))]
+        if conflicts:
+            more = f" (and {len(conflicts) - 1} more run{'s' * (len(conflicts) > 2)})" if len(conflicts) > 1 else ""
+            raise results.StoreConflict(conflicts[0] + more)
     print(f"{len(specs)} runs -> {args.out}/runs on {device}", flush=True)
-    t0, failed = time.perf_counter(), 0
+    t0, failed, busy = time.perf_counter(), 0, 0
     for i, s in enumerate(specs, 1):
-        r = train.run(s, args.out, args.device, rerun=args.rerun)  # loads (cached) data only if it trains
+        try:
+            r = train.run(s, args.out, args.device, rerun=args.rerun)
+        except results.Claimed as e:  # another process trains it: its result lands in the same store
+            busy += 1
+            print(f"[{i}/{len(specs)}] {s.run_id:<36} {'busy':<8}  ({e})", flush=True)
+            continue
         failed += r.status == "failed"
         where = ("reused" if r.reused_from else "stored") if r.cached \
             else f"{r.timing_of('train_seconds') or 0:.1f}s"
@@ -56,7 +69,8 @@ def cmd_run(args) -> int:
         if r.error:
             line += f"  ({r.error})"
         print(line, flush=True)
-    print(f"done in {time.perf_counter() - t0:.1f}s; {failed} failed. Report: cxr-bench report {args.out}")
+    others = f"; {busy} being trained by another process" if busy else ""
+    print(f"done in {time.perf_counter() - t0:.1f}s; {failed} failed{others}. Report: cxr-bench report {args.out}")
     return 1 if failed else 0
 
 

@@ -13,6 +13,7 @@ conversions of arrays and image files that every file source shares live in cxr.
 from __future__ import annotations
 
 import functools
+import hashlib
 import numbers
 import os
 import zipfile
@@ -26,7 +27,7 @@ import torch
 from cxr.arrays import CLASSES, DataError, Split, _checked, _class_images, _hw, _images, _labelled, _labels, _resize
 from cxr.arrays import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # re-exported: the constants stay cxr.data's
 from cxr.errors import one_line
-from cxr.synthetic import SYNTHETIC_COUNTS, make_split
+from cxr.synthetic import GENERATOR_VERSION, SYNTHETIC_COUNTS, make_split
 
 SPLITS = ("train", "val", "test")
 FOLDER_CLASSES = ("NORMAL", "PNEUMONIA")
@@ -50,6 +51,25 @@ class Dataset:
     train: Split
     val: Split
     test: Split
+    generated_by: str = ""  # for data made by code: what defines it (generator, version, seed, size)
+
+    @functools.cached_property
+    def fingerprint(self) -> dict[str, str]:
+        """{"train", "val", "test"}: 16 hex digits of sha256 over each split's images and labels (shape,
+        dtype, bytes), or over `generated_by` and the split's name for generated data. Part of a result's
+        identity: a result is served again only for data of the same content."""
+        out = {}
+        for name, split in zip(SPLITS, (self.train, self.val, self.test), strict=True):
+            h = hashlib.sha256()
+            if self.generated_by:
+                h.update(f"{self.generated_by} {name}".encode())
+            else:
+                for t in (split.x, split.y):
+                    t = t.detach().cpu().contiguous()
+                    h.update(f"{t.dtype} {tuple(t.shape)}".encode())
+                    h.update(t.numpy().tobytes())
+            out[name] = h.hexdigest()[:16]
+        return out
 
     def summary(self) -> dict:
         splits = {s: {"n": sp.n, "normal": sp.normal, "pneumonia": sp.pneumonia}
@@ -156,7 +176,8 @@ def _synthetic(source: str, arg: str, size: int) -> Dataset:
         raise DataError(f"{source}: the synthetic data seed must be >= 0")
     name = f"synthetic{f' seed {seed}' if seed else ''} (procedural, not real X-rays)"
     splits = {s: _synthetic_split(SYNTHETIC_COUNTS[s], seed, i, size) for i, s in enumerate(SPLITS)}
-    return Dataset(source, name, True, size, **splits)
+    return Dataset(source, name, True, size, **splits,
+                   generated_by=f"cxr.synthetic v{GENERATOR_VERSION} seed {seed} size {size}")
 
 
 def _synthetic_split(counts: tuple[int, int], seed: int, split_index: int, size: int) -> Split:

@@ -7,16 +7,20 @@ is upgraded on reading), and checks every file against the JSON Schema shipped b
 
     check-jsonschema --schemafile cxr/schema/run-record.schema.json results/runs/*/seed-*.json
 
-Version 2 over version 1: `environment` gains `git_dirty` (uncommitted changes in the checkout) and
-`version` (the package's), and `git_commit` is `git describe --always --dirty`; `reused_from` is
-always present (null when the run was trained, not copied); a spec may name the loss `focal` and
-carry `focal_gamma`, `title` and `grid`.
+Version 2 over version 1: a result's identity (`identity`, from the recipe's `spec_hash`, the
+content `data_fingerprint` of the loaded splits and the `training_version` of the code); `environment`
+gains `git_dirty` (uncommitted changes in the checkout) and `version` (the package's), and
+`git_commit` is `git describe --always --dirty`; `reused_from` is always present (null when the run
+was trained, not copied); a spec may name the loss `focal` and carry `focal_gamma`, `title` and
+`grid`. A version 1 file has no identity (null): the store never serves it as a match, and the
+report pairs its runs by labels only.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 from dataclasses import dataclass
 from importlib import resources
@@ -92,6 +96,10 @@ class RunRecord:
     weights: str | None = None  # model_weights.pth, relative to the results directory
     reused_from: str | None = None  # the id whose identical run this result copies
     schema_version: int = SCHEMA_VERSION
+    identity: str | None = None  # identity(spec_hash, data_fingerprint, training_version): what the store
+    #                              matches before it serves this result instead of training; None in version 1
+    data_fingerprint: dict[str, str] | None = None  # {"train", "val", "test"}: content hashes of the splits
+    training_version: int | None = None  # cxr.train.TRAINING_VERSION of the code that trained it
     cached: bool = dataclasses.field(default=False, compare=False)  # served from the store; not written
 
     @property
@@ -117,12 +125,20 @@ class RunRecord:
         d = dataclasses.asdict(self)
         del d["cached"]
         d["history"] = list(self.history)
-        order = ("schema_version", "id", "seed", "spec", "spec_hash", "status", "error", "history", "best_epoch",
-                 "metrics", "predictions", "timing", "environment", "dataset", "weights", "reused_from")
+        order = ("schema_version", "id", "seed", "spec", "spec_hash", "identity", "data_fingerprint",
+                 "training_version", "status", "error", "history", "best_epoch", "metrics", "predictions",
+                 "timing", "environment", "dataset", "weights", "reused_from")
         return {k: d[k] for k in order}
 
     def to_json(self) -> bytes:
         return (json.dumps(self.to_dict(), indent=1, allow_nan=False) + "\n").encode()
+
+
+def identity(spec_hash: str, data_fingerprint: dict[str, str], training_version: int) -> str:
+    """The identity of a result: the same recipe, on data of the same content, trained by code of the
+    same training version. The store serves a stored result only when its identity is this one."""
+    blob = json.dumps([spec_hash, [data_fingerprint[s] for s in ("train", "val", "test")], training_version])
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 def schema() -> dict:
@@ -148,7 +164,8 @@ def upgrade(obj: dict) -> dict:
         env = dict(obj.get("environment") or {})
         env.setdefault("git_dirty", None)
         env.setdefault("version", None)
-        obj = {**obj, "schema_version": 2, "environment": env, "reused_from": obj.get("reused_from")}
+        obj = {**obj, "schema_version": 2, "environment": env, "reused_from": obj.get("reused_from"),
+               "identity": None, "data_fingerprint": None, "training_version": None}
     return obj
 
 

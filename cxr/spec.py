@@ -10,6 +10,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,12 +68,20 @@ class ExperimentSpec:
 
     @property
     def id(self) -> str:
-        """Stable, readable id, e.g. `lr-ce-lr0.01-bs32`; other swept keys are appended."""
+        """Stable, readable id, e.g. `lr-ce-lr0.01-bs32`; other swept keys are appended.
+
+        It names a folder of the results store, so it is path-safe: letters, digits and `_.+=-` only
+        (anything else in a swept string, such as a data path, becomes `_`), never `.` or `..`, and at
+        most MAX_ID characters (a longer one keeps its start and a hash of the whole).
+        """
         parts = [self.name, self.loss, f"lr{_fmt(self.lr)}", f"bs{self.batch_size}"]
         for key in self.sweep:
             if key not in ("loss", "lr", "batch_size"):
                 parts.append(f"{_SHORT.get(key, key)}{_fmt(getattr(self, key))}")
-        return "-".join(parts)
+        text = _UNSAFE.sub("_", "-".join(parts))
+        if len(text) > MAX_ID:
+            text = f"{text[:MAX_ID - 17]}-{hashlib.sha256(text.encode()).hexdigest()[:16]}"
+        return text
 
     @property
     def run_id(self) -> str:
@@ -107,6 +116,12 @@ class ExperimentSpec:
         blob = json.dumps(self.recipe(), sort_keys=True).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
+    def setting_hash(self) -> str:
+        """The recipe without the seed: what every seed of one setting shares (the report's rows)."""
+        recipe = self.recipe()
+        del recipe["seed"]
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
+
 
 _BOOKKEEPING = ("name", "title", "sweep", "grid", "source")
 _ADDED_LATER = {"ema": 0.0, "focal_gamma": 2.0}  # field -> the default that is left out of spec_hash
@@ -129,6 +144,10 @@ _RANGES = {
     "epochs": (1, 10000, True, True), "ema": (0, 1, True, False), "focal_gamma": (0, 10, True, True),
 }
 DEFAULT_SEEDS = (0,)
+
+
+MAX_ID = 120
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.+=-]+")
 
 
 def _fmt(value) -> str:

@@ -11,14 +11,12 @@ import copy
 import dataclasses
 import math
 import os
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cxr import data as data_mod
@@ -27,8 +25,12 @@ from cxr.env import environment, now, resolve_device, synchronize
 from cxr.errors import one_line
 from cxr.evaluate import evaluate_split
 from cxr.models import build_model
+from cxr.recipe import augment, augmenting, ema_model, lr_factor, make_optimizer, set_lr
 from cxr.record import RunRecord
 from cxr.spec import ExperimentSpec
+
+TRAINING_VERSION = 1  # bump when code that decides training changes (engine, models, splits): stored
+#                       results of the old version are then not served (cxr.record.identity)
 
 
 @dataclass
@@ -47,61 +49,6 @@ class Fit:
 
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds CUDA
-
-
-def make_optimizer(spec: ExperimentSpec, params, device: torch.device | None = None) -> torch.optim.Optimizer:
-    """The spec's optimizer. On CUDA, Adam/AdamW are capturable with the lr in a device tensor,
-    so that a CUDA graph of the training step can replay them (see TrainStep)."""
-    if spec.optimizer in ("adam", "adamw"):
-        cls = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.AdamW
-        if device is not None and device.type == "cuda":
-            return cls(params, lr=torch.tensor(spec.lr, device=device), weight_decay=spec.weight_decay,
-                       capturable=True)
-        return cls(params, lr=spec.lr, weight_decay=spec.weight_decay)
-    return torch.optim.SGD(params, lr=spec.lr, momentum=spec.momentum, weight_decay=spec.weight_decay)
-
-
-def lr_factor(spec: ExperimentSpec, step: int, steps_per_epoch: int) -> float:
-    """Multiplier of spec.lr at optimizer step `step` (0-based) under the spec's schedule."""
-    total = spec.epochs * steps_per_epoch
-    epoch = step / steps_per_epoch
-    warmup = spec.warmup_epochs * steps_per_epoch
-    if spec.schedule == "onecycle":
-        # The shape of torch's OneCycleLR (cosine, 30% up from lr/25, down to lr/1e4), as a pure function.
-        up = max(1.0, 0.3 * total)
-        if step < up:
-            return 1 / 25 + (1 - 1 / 25) * (1 - math.cos(math.pi * step / up)) / 2
-        t = min(1.0, (step - up) / max(1.0, total - up))
-        return 1e-4 + (1 - 1e-4) * (1 + math.cos(math.pi * t)) / 2
-    if warmup and step < warmup:
-        return (step + 1) / warmup
-    if spec.schedule == "cosine":
-        t = (step - warmup) / max(1.0, total - warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
-    if spec.schedule == "step":
-        return spec.step_gamma ** int(epoch // spec.step_epochs)
-    return 1.0
-
-
-def augment(x: torch.Tensor, spec: ExperimentSpec, generator: torch.Generator) -> torch.Tensor:
-    """Random affine (shift, rotation, zoom) per image on the device; labels are untouched.
-
-    No flips: a chest radiograph is not left-right symmetric (heart on the left).
-    """
-    if not (spec.augment_shift or spec.augment_rotate or spec.augment_scale):
-        return x
-    n = x.shape[0]
-
-    def uniform(bound: float) -> torch.Tensor:
-        return (torch.rand(n, device=x.device, generator=generator) * 2 - 1) * bound
-
-    angle = uniform(math.radians(spec.augment_rotate))
-    scale = 1 + uniform(spec.augment_scale)
-    shift = torch.stack([uniform(2 * spec.augment_shift), uniform(2 * spec.augment_shift)], 1)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([torch.stack([cos, -sin, shift[:, 0]], 1), torch.stack([sin, cos, shift[:, 1]], 1)], 1)
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
 def _is_better(spec: ExperimentSpec, value: float, best: float | None) -> bool:
@@ -128,7 +75,7 @@ class TrainStep:
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.graph, self.static_idx = None, None
         self.capture_error = None
-        if (self.cuda and spec.optimizer in ("adam", "adamw") and not _augmenting(spec)
+        if (self.cuda and spec.optimizer in ("adam", "adamw") and not augmenting(spec)
                 and os.environ.get("CXR_CUDA_GRAPHS", "1") != "0" and len(y) >= spec.batch_size):
             try:
                 self._capture()
@@ -185,18 +132,6 @@ class TrainStep:
         self.graph = graph
 
 
-def _augmenting(spec: ExperimentSpec) -> bool:
-    return bool(spec.augment_shift or spec.augment_rotate or spec.augment_scale)
-
-
-def _set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        if isinstance(group["lr"], torch.Tensor):
-            group["lr"].fill_(lr)  # a captured graph reads the lr from this tensor
-        else:
-            group["lr"] = lr
-
-
 def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str = "cpu",
         progress: bool | None = None) -> Fit:
     """Train `spec` on `data`; the returned model holds the best epoch's weights."""
@@ -216,7 +151,7 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
     n = len(y_train)
     steps_per_epoch = math.ceil(n / spec.batch_size)
     generator = torch.Generator(device=device).manual_seed(spec.seed)
-    ema = _ema_model(model, spec.ema) if spec.ema else None
+    ema = ema_model(model, spec.ema) if spec.ema else None
     evaluated = ema.module if ema is not None else model  # what is validated, selected and returned
 
     result = Fit(status=record.OK)
@@ -241,7 +176,7 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
             if len(idx) < 2:  # a 1-image batch breaks BatchNorm statistics
                 continue
             if spec.schedule != "none" or spec.warmup_epochs:
-                _set_lr(optimizer, spec.lr * lr_factor(spec, n_step, steps_per_epoch))
+                set_lr(optimizer, spec.lr * lr_factor(spec, n_step, steps_per_epoch))
             step(idx)
             if ema is not None:
                 ema.update_parameters(model)
@@ -280,24 +215,79 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
     return result
 
 
-def _ema_model(model: torch.nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """Exponential moving average of the weights and of the BatchNorm statistics (torch's swa_utils)."""
-    return torch.optim.swa_utils.AveragedModel(
-        model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(decay), use_buffers=True)
+def identity(spec: ExperimentSpec, data: data_mod.Dataset) -> str:
+    """What a stored result must match to be served for this run: recipe, data content, training version."""
+    return record.identity(spec.spec_hash(), data.fingerprint, TRAINING_VERSION)
+
+
+def conflict(out: str | Path, spec: ExperimentSpec, ident: str) -> str | None:
+    """Why the result stored for this run id cannot be served nor silently replaced, or None.
+
+    A stored result of another recipe, data or training version conflicts; a failed one, one of the same
+    identity, and one written by schema version 1 with the same recipe (no data fingerprint to compare;
+    it is trained again and replaced when the new run is ok) do not.
+    """
+    old = results.stored(out, spec)
+    if old is None or old.status == record.FAILED or old.identity == ident:
+        return None
+    if old.identity is None and old.spec_hash == spec.spec_hash():
+        return None
+    if old.spec_hash != spec.spec_hash():
+        theirs, ours = old.spec, spec.to_dict()
+        keys = [k for k in spec.recipe() if theirs.get(k) != ours.get(k)]
+        what = "another recipe (" + ", ".join(f"{k} {theirs.get(k)!r} stored, {ours.get(k)!r} now" for k in keys[:3])
+        what += ", ..." * (len(keys) > 3) + ")"
+    elif old.training_version != TRAINING_VERSION:
+        what = f"training version {old.training_version} (this code trains as version {TRAINING_VERSION})"
+    else:
+        what = "other data (the content of the data set changed since; same source string)"
+    return (f"{results.run_path(out, spec)}: holds a result of {what}; pass --rerun to replace it, or --out DIR "
+            "for a separate results directory")
 
 
 def run(spec: ExperimentSpec, out: str | Path = "results", device: str = "auto", *, rerun: bool = False,
         data: data_mod.Dataset | None = None, progress: bool | None = None) -> RunRecord:
-    """Train and evaluate one run and store its record; a stored result with the same spec hash is
-    returned instead (with `cached` True) unless `rerun`. Data errors propagate (they concern every
-    run); any other exception is recorded as status "failed" with a one-line error."""
-    if not rerun:
-        stored = results.find(out, spec) or _reuse_same_recipe(out, spec)
-        if stored is not None:
-            return dataclasses.replace(stored, cached=True)
-    dev = resolve_device(device)
+    """Train and evaluate one run and store its record (README "Results" has the store's rules).
+
+    A stored result of the same identity is returned instead (`cached` True), or a copy of an identical
+    run stored under another id, unless `rerun`. A stored result of another identity raises
+    StoreConflict (unless `rerun`); a run another process is training raises Claimed. Data errors
+    propagate (they concern every run); any other exception is recorded as status "failed" with a
+    one-line error. A failed or diverged attempt never replaces a stored ok result: it is written
+    beside it (seed-<n>.attempt.json) and returned.
+    """
     data = data if data is not None else data_mod.load(spec.dataset, spec.image_size)
-    rec = RunRecord(id=spec.id, seed=spec.seed, spec=spec.to_dict(), spec_hash=spec.spec_hash(),
+    ident = identity(spec, data)
+    if not rerun and (served := _serve(out, spec, ident)) is not None:
+        return served
+    with results.claim(out, spec):
+        if not rerun and (served := _serve(out, spec, ident)) is not None:  # finished by another process
+            return served
+        previous = results.stored(out, spec)
+        rec = _train(spec, out, resolve_device(device), data, ident, progress)
+        if rec.ok or previous is None or previous.status == record.FAILED or \
+                (previous.status == record.DIVERGED and rec.status == record.DIVERGED):
+            results.write(out, rec)
+            return rec
+        kept = results.attempt_path(out, spec)
+        rec = dataclasses.replace(rec, error=f"{rec.error}; the stored {previous.status} result is kept, this "
+                                             f"attempt is in {kept.name}")
+        results.write(out, rec, kept)
+        return rec
+
+
+def _serve(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | None:
+    why = conflict(out, spec, ident)
+    if why:
+        raise results.StoreConflict(why)
+    found = results.find(out, spec, ident) or _reuse_same_recipe(out, spec, ident)
+    return dataclasses.replace(found, cached=True) if found is not None else None
+
+
+def _train(spec: ExperimentSpec, out: str | Path, dev: torch.device, data: data_mod.Dataset, ident: str,
+           progress: bool | None) -> RunRecord:
+    rec = RunRecord(id=spec.id, seed=spec.seed, spec=spec.to_dict(), spec_hash=spec.spec_hash(), identity=ident,
+                    data_fingerprint=dict(data.fingerprint), training_version=TRAINING_VERSION,
                     status=record.FAILED, environment={**environment(dev), "started_at": now()},
                     dataset=data.summary())
     try:
@@ -322,31 +312,31 @@ def run(spec: ExperimentSpec, out: str | Path = "results", device: str = "auto",
     except (KeyboardInterrupt, data_mod.DataError):
         raise
     except Exception as e:  # a crashed run is recorded, and the sweep goes on
-        rec = dataclasses.replace(rec, status=record.FAILED, error=one_line(e), metrics=None, predictions=None)
-    rec = dataclasses.replace(rec, environment={**rec.environment, "finished_at": now()})
-    results.write(out, rec)
-    return rec
+        rec = dataclasses.replace(rec, status=record.FAILED, error=one_line(e), metrics=None, predictions=None,
+                                  weights=None)
+    return dataclasses.replace(rec, environment={**rec.environment, "finished_at": now()})
 
 
-def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec) -> RunRecord | None:
-    """A finished run with the identical recipe and seed stored under another id (e.g. Task A's
-    CE run is Task B's lr 0.001 run): copy it under this id instead of training it again."""
-    want = spec.spec_hash()
-    for path in sorted((Path(out) / "runs").glob(f"*/seed-{spec.seed}.json")):
+def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | None:
+    """A finished run of the same identity and seed stored under another id (e.g. Task A's CE run is
+    Task B's lr 0.001 run): copy it under this id instead of training it again."""
+    for path in results.result_files(out):
+        if path.name != f"seed-{spec.seed}.json":
+            continue
         try:
             other = results.read(path)
         except results.ResultError:
             continue
-        if other.spec_hash != want or other.status == record.FAILED or other.id == spec.id:
+        if other.identity != ident or other.status == record.FAILED or other.id == spec.id:
             continue
         rec = dataclasses.replace(other, id=spec.id, spec=spec.to_dict(), reused_from=other.id, weights=None)
         if other.weights:
-            src = Path(out) / other.weights
-            if src.exists():
-                dst = results.weights_path(out, spec)
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(src, dst)
-                rec = dataclasses.replace(rec, weights=dst.relative_to(Path(out)).as_posix())
+            dst = results.weights_path(out, spec)
+            try:
+                results.copy_file(out, Path(out) / other.weights, dst)
+            except (results.StoreError, OSError):
+                continue  # its weights are gone or point outside the store: train instead
+            rec = dataclasses.replace(rec, weights=dst.relative_to(Path(out)).as_posix())
         results.write(out, rec)
         return rec
     return None

@@ -73,7 +73,7 @@ def test_ema_is_validated(value, message):
 
 def test_ema_model_averages_weights_and_batchnorm_statistics():
     model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
-    ema = train._ema_model(model, 0.75)
+    ema = train.ema_model(model, 0.75)
     for value in (4.0, 8.0):  # the first update copies, then ema = 0.75 ema + 0.25 new
         model[0].weight.data.fill_(value)
         model[1].running_mean.fill_(value)

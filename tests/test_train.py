@@ -64,9 +64,11 @@ def test_result_file_holds_the_documented_fields(tiny_data, tmp_path):
     assert stored == r and stored.to_dict() == json.loads(r.to_json())
     raw = json.loads(results.run_path(tmp_path, SPEC).read_text())
     assert raw["schema_version"] == record.SCHEMA_VERSION == 2
-    assert list(raw) == ["schema_version", "id", "seed", "spec", "spec_hash", "status", "error", "history",
-                         "best_epoch", "metrics", "predictions", "timing", "environment", "dataset", "weights",
-                         "reused_from"]
+    assert list(raw) == ["schema_version", "id", "seed", "spec", "spec_hash", "identity", "data_fingerprint",
+                         "training_version", "status", "error", "history", "best_epoch", "metrics", "predictions",
+                         "timing", "environment", "dataset", "weights", "reused_from"]
+    assert raw["identity"] == train.identity(SPEC, tiny_data) and raw["training_version"] == train.TRAINING_VERSION
+    assert raw["data_fingerprint"] == tiny_data.fingerprint
     assert {"git_commit", "git_dirty", "version", "started_at", "finished_at"} <= set(raw["environment"])
     test = stored.metrics["test"]
     assert test["n"] == 96 and set(test) >= {"accuracy", "auroc", "sensitivity", "specificity", "loss", "ece",
@@ -90,11 +92,14 @@ def test_stored_results_are_not_run_again(tiny_data, tmp_path, monkeypatch):
     assert (tmp_path / reused.weights).exists()
 
 
-def test_changed_spec_is_run_again(tiny_data, tmp_path):
+def test_changed_spec_is_refused_then_replaced_with_rerun(tiny_data, tmp_path):
     train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
     changed = replace(SPEC, epochs=2)  # same id, different recipe
     assert results.find(tmp_path, changed) is None
-    assert not train.run(changed, tmp_path, "cpu", data=tiny_data, progress=False).cached
+    with pytest.raises(results.StoreConflict, match=r"another recipe \(epochs 3 stored, 2 now\); pass --rerun"):
+        train.run(changed, tmp_path, "cpu", data=tiny_data, progress=False)
+    rerun = train.run(changed, tmp_path, "cpu", data=tiny_data, progress=False, rerun=True)
+    assert not rerun.cached and results.find(tmp_path, changed) == rerun
 
 
 def test_non_finite_loss_stops_the_run_as_diverged(tiny_data, tmp_path, monkeypatch):
