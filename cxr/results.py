@@ -49,13 +49,17 @@ class Claimed(CxrError):
     """A run that another process is training right now."""
 
 
-def _umask() -> int:
-    mask = os.umask(0)
+def file_mode() -> int:
+    """0o666 & ~umask: the mode open(path, "w") gives a new file, with the umask in force now."""
+    try:  # Linux: read the umask without changing it (os.umask would, for every thread)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
     os.umask(mask)
-    return mask
-
-
-FILE_MODE = 0o666 & ~_umask()  # what open(path, "w") would create
+    return 0o666 & ~mask
 
 
 def inside(out: str | Path, path: Path) -> Path:
@@ -94,7 +98,9 @@ def check_writable(out: str | Path) -> Path:
     return out
 
 
-def _atomic_write_bytes(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
+    """write(f) into a temp file beside path, fsync it, give it file_mode() and rename it over path: a
+    crash or a full disk leaves the old file or none, never a truncated one, and no temp file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -102,7 +108,7 @@ def _atomic_write_bytes(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; a shared results directory must stay readable
+        os.chmod(tmp, file_mode())  # mkstemp makes 0600; a shared results directory must stay readable
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -113,21 +119,21 @@ def write(out: str | Path, record: RunRecord, path: Path | None = None) -> Path:
     """Store a run record at runs/<id>/seed-<n>.json under out (or at `path` inside out), atomically."""
     path = inside(out, path or Path(out) / "runs" / record.id / f"seed-{record.seed}.json")
     data = record.to_json()
-    _atomic_write_bytes(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
     return path
 
 
 def save_weights(path: str | Path, state_dict: dict) -> Path:
     path = Path(path)
     cpu = {k: v.detach().cpu().contiguous() for k, v in state_dict.items()}
-    _atomic_write_bytes(path, lambda f: torch.save(cpu, f))
+    atomic_write(path, lambda f: torch.save(cpu, f))
     return path
 
 
 def copy_file(out: str | Path, src: Path, dst: Path) -> Path:
     """Copy a file of the store to another place in it, atomically; both must lie inside out."""
     data = inside(out, src).read_bytes()
-    _atomic_write_bytes(inside(out, dst), lambda f: f.write(data))
+    atomic_write(inside(out, dst), lambda f: f.write(data))
     return dst
 
 
@@ -195,7 +201,7 @@ def claim(out: str | Path, spec: ExperimentSpec) -> Iterator[None]:
     path = inside(out, Path(out) / "runs" / spec.id / f"seed-{spec.seed}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, FILE_MODE)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

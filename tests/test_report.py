@@ -11,9 +11,11 @@ so the rendered Markdown is byte-stable. Regenerate the golden files after an in
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import re
+import stat
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,10 +67,16 @@ def _y_true(n_test: int) -> np.ndarray:
     return np.random.default_rng(123).permutation(labels)
 
 
+FINGERPRINT = {"train": "1111aaaa2222bbbb", "val": "3333cccc4444dddd", "test": "5555eeee6666ffff"}
+
+
 def fabricate(kw: dict, task: Task, seed: int, *, acc: float = 0.85, status: str = "ok",
               n_test: int = 60, epochs: int = 4, error: str | None = None, stop_epoch: int = 2,
-              index: int = 0) -> record.RunRecord:
-    """One run record as cxr.train.run writes it; numbers are deterministic in (id, seed)."""
+              index: int = 0, fingerprint: dict | None = FINGERPRINT,
+              training_version: int | None = 1) -> record.RunRecord:
+    """One run record as cxr.train.run writes it; numbers are deterministic in (id, seed). Every run is
+    trained on the same data (FINGERPRINT) by training version 1 unless told otherwise; fingerprint None
+    is a record with no identity, as schema version 1 files are read."""
     spec = ExperimentSpec(**kw, epochs=epochs, seed=seed, sweep=task.sweep, source=task.source, title=task.title,
                           grid=task.grid)
     rng = np.random.default_rng([seed, zlib.crc32(spec.id.encode())])
@@ -94,12 +102,14 @@ def fabricate(kw: dict, task: Task, seed: int, *, acc: float = 0.85, status: str
         metrics = {"val": test, "test": test}
         predictions = {"y_true": y.tolist(), "y_score": y_score.tolist(),
                        "y_pred": (y_score > 0.5).astype(int).tolist()}
-        best_epoch = int(epochs - rng.integers(0, 2))
+        best_epoch = max(1, int(epochs - rng.integers(0, 2)))
     minute = 10 + 2 * index
     n_normal = round(n_test * 0.375)
     return record.from_dict({
         "schema_version": 2, "id": spec.id, "seed": seed, "spec": spec.to_dict(),
         "spec_hash": spec.spec_hash(),
+        "identity": record.identity(spec.spec_hash(), fingerprint, training_version) if fingerprint else None,
+        "data_fingerprint": fingerprint, "training_version": training_version if fingerprint else None,
         "status": status, "error": error, "history": history, "best_epoch": best_epoch,
         "metrics": metrics, "predictions": predictions,
         "timing": None if status == "failed" else
@@ -245,11 +255,187 @@ def test_empty_and_absent_results_dir(tmp_path):
         report.render(tmp_path / "nope")
 
 
+OTHER_TEST = {**FINGERPRINT, "test": "0000aaaa9999bbbb"}  # the same train and val, other test images
+
+
 def test_different_test_sets_get_no_paired_test(tmp_path):
-    runs = [fabricate(TASK_A.settings[0], TASK_A, 0, n_test=60),
-            fabricate(TASK_A.settings[1], TASK_A, 0, n_test=40)]
+    runs = [fabricate(TASK_A.settings[0], TASK_A, s, n_test=60) for s in (0, 1)]
+    runs += [fabricate(TASK_A.settings[1], TASK_A, s, n_test=40, fingerprint=OTHER_TEST) for s in (0, 1)]
+    (c,) = report.comparisons(runs)
+    assert c.pairs == () and c.test_set is None
+    assert c.pair_scheme == "not paired: different test sets (test split fingerprint 5555eeee for BCE, " \
+                            "0000aaaa for CE)"
     text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
-    assert "No paired test: the runs were not evaluated on the same test images" in text
+    assert ("Not paired: different test sets (test split fingerprint 5555eeee for BCE, 0000aaaa for CE). A paired "
+            "test needs every run evaluated on the same test images.") in text
+    assert "the same images for every run" not in text and "Test set:" not in text and "| Pair |" not in text
+    assert c.sentences[0].startswith("The runs were evaluated on different test sets, so their test metrics")
+    # equal labels do not make equal images: the fingerprints decide
+    same_labels = [fabricate(kw, TASK_A, 0, fingerprint=fp)
+                   for kw, fp in zip(TASK_A.settings, (FINGERPRINT, OTHER_TEST), strict=True)]
+    assert same_labels[0].predictions["y_true"] == same_labels[1].predictions["y_true"]
+    (c,) = report.comparisons(same_labels)
+    assert c.pairs == () and c.pair_scheme.startswith("not paired: different test sets")
+
+
+def test_runs_without_fingerprints_are_paired_by_labels(tmp_path):
+    runs = [fabricate(kw, TASK_A, s, fingerprint=None) for kw in TASK_A.settings for s in (0, 1)]
+    text = report.render(write_runs(tmp_path / "a", runs), figures=False).read_text()
+    assert ("Test set: 60 images (22 normal, 38 pneumonia), the same labels for every run (test images not "
+            "fingerprinted: results written by an older version).") in text
+    assert "the same images" not in text and "the same test images;" not in text
+    assert "Compared: the two settings on test sets with the same labels (test images not fingerprinted)." in text
+    assert re.search(r"\| (BCE − CE|CE − BCE) \| 0, 1 \|", text)
+    # without fingerprints, different labels still rule pairing out
+    runs = [fabricate(TASK_A.settings[0], TASK_A, 0, n_test=60, fingerprint=None),
+            fabricate(TASK_A.settings[1], TASK_A, 0, n_test=40, fingerprint=None)]
+    text = report.render(write_runs(tmp_path / "b", runs), figures=False).read_text()
+    assert "No paired test: the runs were not evaluated on the same test images (their y_true differ)." in text
+
+
+# ----------------------------------------------------------- settings: one recipe, data, training version
+
+def test_mixed_epochs_of_one_setting_are_two_rows_never_averaged(tmp_path):
+    lr001, lr01 = TASK_LR.settings[:2]
+    short = [fabricate(lr01, TASK_LR, 0, epochs=1, acc=0.70, index=0)]  # an old 1-epoch run under the same id
+    long = [fabricate(lr01, TASK_LR, s, epochs=10, acc=0.90, index=s) for s in (1, 2)]
+    base = [fabricate(lr001, TASK_LR, s, acc=0.85, index=3 + s) for s in (0, 1, 2)]
+    assert {r.id for r in short + long} == {"lr-ce-lr0.01-bs32"}
+    out = report.render(write_runs(tmp_path / "results", short + long + base), tmp_path / "site" / "report.md")
+    text = out.read_text()
+    (c,) = report.comparisons(results.load_all(tmp_path / "results"))
+    assert [s.label for s in c.settings] == ["learning rate 0.001", "learning rate 0.01 [epochs 1]",
+                                             "learning rate 0.01 [epochs 10]"]
+    for runs, label in ((short, "learning rate 0.01 [epochs 1]"), (long, "learning rate 0.01 [epochs 10]"),
+                        (base, "learning rate 0.001")):
+        acc = stats.mean_std_ci([r.test("accuracy") for r in runs], bounds=(0, 1))
+        assert f"| {label} | {len(runs)} ok | {report.pct_ms(acc)} | {report.pct_ci(acc)} |" in text
+    mixed = stats.mean_std_ci([r.test("accuracy") for r in short + long], bounds=(0, 1))
+    assert report.pct_ms(mixed) not in text and "| learning rate 0.01 |" not in text
+    assert f"| learning rate 0.01 [epochs 1] | {report.num_ms(c.settings[1].train_loss, 4)} | " \
+           f"{short[0].best_epoch} of 1 |" in text
+    assert ("- The runs of learning rate 0.01 were trained with different recipes or data (epochs 1; epochs 10), "
+            "so they are shown as separate rows, never averaged.") in text
+    assert "### `lr`: learning rate 0.001 / 0.01\n" in text and "Mean test accuracy rises" not in text
+    assert "has no result for" not in text  # seeds 0, 1, 2 of learning rate 0.01 are all there, over both rows
+    assert "the same images for every run" in text  # the same data: the variants are still paired
+    assert "learning rate 0.01 [epochs 10] − learning rate 0.001 |" in text
+    assert len(re.findall(r"!\[[^\]]*\]\(figures/lr-(curves|roc|accuracy)\.png\)", text)) == 3
+
+
+def test_variant_labels_name_the_data_and_the_training_version():
+    def labels(runs):
+        (c,) = report.comparisons(runs)
+        return [s.label for s in c.settings], next(x for x in c.sentences if "separate rows" in x)
+
+    bce = TASK_A.settings[0]
+    data = [fabricate(bce, TASK_A, 0), fabricate(bce, TASK_A, 1, fingerprint=OTHER_TEST)]
+    assert labels(data) == (["BCE [data 0000aaaa]", "BCE [data 5555eeee]"], "The runs of BCE were trained with "
+                            "different recipes or data (data 0000aaaa; data 5555eeee), so they are shown as separate "
+                            "rows, never averaged.")
+    train = [fabricate(bce, TASK_A, 0), fabricate(bce, TASK_A, 1, fingerprint={**FINGERPRINT, "train": "0" * 16})]
+    assert labels(train)[0] == ["BCE [train data 00000000]", "BCE [train data 1111aaaa]"]
+    version = [fabricate(bce, TASK_A, 0), fabricate(bce, TASK_A, 1, training_version=2)]
+    assert labels(version)[0] == ["BCE [training version 1]", "BCE [training version 2]"]
+    both = [fabricate(bce, TASK_A, 0), fabricate(bce, TASK_A, 1, epochs=2, training_version=2)]
+    assert labels(both)[0] == ["BCE [epochs 2, training version 2]", "BCE [epochs 4, training version 1]"]
+    old = [fabricate(bce, TASK_A, 0), fabricate(bce, TASK_A, 1, fingerprint=None)]
+    assert labels(old)[0] == ["BCE [data not fingerprinted, training version unknown]",
+                              "BCE [data 5555eeee, training version 1]"]
+    # one variant per value: the labels of today, no sentence
+    (c,) = report.comparisons([fabricate(kw, TASK_A, s) for kw in TASK_A.settings for s in (0, 1)])
+    assert [s.label for s in c.settings] == ["BCE", "CE"] and [s.note for s in c.settings] == ["", ""]
+    assert not any("separate rows" in x for x in c.sentences)
+    # without a sweep the run id is the label
+    single = Task((), (), "specs/single.toml")
+    runs = [fabricate({"name": "single"}, single, 0, epochs=2), fabricate({"name": "single", "ema": 0.9}, single, 1)]
+    assert labels(runs)[0] == ["single-ce-lr0.001-bs32 [epochs 2, ema 0]", "single-ce-lr0.001-bs32 [epochs 4, ema 0.9]"]
+
+
+# ----------------------------------------------------------------------- files: skipped, atomic, mode
+
+def test_unreadable_result_files_are_skipped_and_listed(tmp_path):
+    results_dir = partial_suite(tmp_path / "results")
+    good = json.loads((results_dir / "runs/lr-ce-lr0.001-bs32/seed-0.json").read_text())
+    (results_dir / "runs/broken-ce-lr0.01-bs32").mkdir()
+    (results_dir / "runs/broken-ce-lr0.01-bs32/seed-0.json").write_text('{"schema_version": 2, "id": ')
+    (results_dir / "runs/lr-ce-lr0.001-bs32/seed-1.json").write_text(json.dumps({**good, "seed": 1,
+                                                                                 "status": "maybe"}))
+    (results_dir / "runs/lr-ce-lr0.001-bs32/seed-0.attempt.json").write_text("kept beside an ok result")
+    text = report.render(results_dir, figures=False).read_text()
+    assert "\n## Skipped files\n\n2 result files could not be read as a run record and are left out of every " \
+           "table, test and figure (paths relative to the results directory):\n\n" in text
+    assert "\n- `runs/broken-ce-lr0.01-bs32/seed-0.json`: unreadable result file (JSONDecodeError: " in text
+    assert "\n- `runs/lr-ce-lr0.001-bs32/seed-1.json`: status: 'maybe' is not one of " in text
+    assert text.index("## Coverage") < text.index("## Skipped files") < text.index("## What was run")
+    assert str(tmp_path) not in text and "/work/" not in text
+    # the readable runs are all there, as without the broken files
+    assert "from 2 result files." in text and "| learning rate 0.001 | 1 ok |" in text
+    assert "| `lr-ce-lr0.001-bs32` | 1 |" not in text and "attempt" not in text
+    # a results directory named relatively, and one whose every file is broken
+    (results_dir / "runs/lr-ce-lr0.001-bs32/seed-0.json").write_bytes(b"\xff\xfe")
+    (results_dir / "runs/lr-ce-lr0.01-bs32/seed-0.json").unlink()
+    os.chdir(tmp_path)
+    try:
+        text = report.render("results", figures=False).read_text()
+    finally:
+        os.chdir(REPO)
+    assert "**No results.** None of the result files under `runs/` of the results directory could be read" in text
+    assert "\n3 result files could not be read" in text
+    assert "\n- `runs/lr-ce-lr0.001-bs32/seed-0.json`: unreadable result file (JSONDecodeError: " in text
+
+
+def test_a_failed_write_leaves_the_previous_report(tmp_path, monkeypatch):
+    results_dir = partial_suite(tmp_path)
+    out = report.render(results_dir, figures=False)
+    before = out.read_bytes()
+    entries = sorted(p.name for p in tmp_path.iterdir())
+    write_runs(results_dir, [fabricate(TASK_LR.settings[0], TASK_LR, 1)])  # the next report would differ
+
+    def full_disk(fd):  # the text is in the temp file; the disk fills before it is safe
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        report.render(results_dir, figures=False)
+    assert out.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == entries  # no temp file left
+    monkeypatch.undo()
+    assert report.render(results_dir, figures=False).read_bytes() != before
+
+
+def test_a_failed_figure_leaves_the_previous_figure(tmp_path, monkeypatch):
+    runs = [fabricate(kw, TASK_A, s, n_test=40, epochs=2) for kw in TASK_A.settings for s in (0, 1)]
+    out = report.render(write_runs(tmp_path / "results", runs), tmp_path / "site" / "report.md")
+    fig_dir = out.parent / "figures"
+    (fig_dir / "loss-broken.png").write_bytes(b"the previous figure")
+    before = {p.name: p.read_bytes() for p in fig_dir.iterdir()} | {"report.md": out.read_bytes()}
+
+    def draw(c, path):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n half a figure")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(figures_mod, "FIGURE_KINDS", (*report.FIGURE_KINDS, report.FigureKind("broken", "x", draw)))
+    with pytest.raises(OSError, match="No space left"):
+        report.render(tmp_path / "results", out)
+    assert {p.name: p.read_bytes() for p in fig_dir.iterdir()} | {"report.md": out.read_bytes()} == before
+    assert sorted(p.name for p in out.parent.iterdir()) == ["figures", "report.md"]
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
+def test_report_and_figures_get_the_users_normal_mode(tmp_path):
+    runs = [fabricate(kw, TASK_A, 0, n_test=40, epochs=2) for kw in TASK_A.settings]
+    results_dir = write_runs(tmp_path / "results", runs)
+    for umask, mode in ((0o027, 0o640), (0o002, 0o664)):
+        old = os.umask(umask)
+        try:
+            assert results.file_mode() == mode
+            out = report.render(results_dir)
+        finally:
+            os.umask(old)
+        files = [out, *(out.parent / "figures").iterdir()]
+        assert len(files) == 1 + len(report.FIGURE_KINDS)
+        assert {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {p.name: oct(mode) for p in files}
 
 
 # ---------------------------------------------------------------------------------- figures
@@ -454,6 +640,8 @@ def test_schema_version_1_result_is_rendered(tmp_path):
     assert f"| recipe-ce-lr0.002-bs64 | 1 ok | {report.pct(test['accuracy'])[:-1]} ± n/a |" in text
     assert "| Training | adamw, schedule onecycle, weight decay 0.05, label smoothing 0.1" in text
     assert "| Commit | 31e96ba |" in text
+    assert ("the same labels for every run (test images not fingerprinted: results written by an older "
+            "version).") in text and "the same images" not in text
     # written before spec titles: no section of its own, no grid to miss
     assert "## Other comparisons" in text and "- Other: `recipe`, 1 setting, 1 run (1 ok)." in text
     assert "Missing:" not in text and "not run" not in text

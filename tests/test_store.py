@@ -153,7 +153,7 @@ def test_7_disk_full_mid_sweep_is_one_line_and_keeps_what_was_written(tmp_path, 
     spec_file.write_text('[experiment]\nname = "f"\nwidth = 4\nepochs = 1\nseeds = [0]\n'
                          '[grid]\nlr = [0.001, 0.002]\n')
     out = tmp_path / "results"
-    real, writes = results._atomic_write_bytes, []
+    real, writes = results.atomic_write, []
 
     def full_after_two(path, write):  # the first run's weights and JSON, then the disk is full
         writes.append(path)
@@ -161,7 +161,7 @@ def test_7_disk_full_mid_sweep_is_one_line_and_keeps_what_was_written(tmp_path, 
             raise OSError(28, "No space left on device", str(path))
         real(path, write)
 
-    monkeypatch.setattr(results, "_atomic_write_bytes", full_after_two)
+    monkeypatch.setattr(results, "atomic_write", full_after_two)
     assert cli.main(["run", str(spec_file), "--out", str(out), "--data", f"npz:{_npz(tmp_path / 'd.npz', 0)}"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "No space left on device" in err and "Traceback" not in err
@@ -172,7 +172,7 @@ def test_7_disk_full_mid_sweep_is_one_line_and_keeps_what_was_written(tmp_path, 
 def test_7_files_get_the_users_umask(tiny_data, tmp_path):
     rec = train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
     for path in (results.run_path(tmp_path, SPEC), tmp_path / rec.weights):
-        assert stat.S_IMODE(path.stat().st_mode) == results.FILE_MODE == 0o666 & ~_umask()
+        assert stat.S_IMODE(path.stat().st_mode) == results.file_mode() == 0o666 & ~_umask()
 
 
 def _umask() -> int:

@@ -1,9 +1,11 @@
 """The Markdown report: tables, paired tests, figures and analysis sentences from stored results.
 
-`render(results_dir)` reads every results/runs/<id>/seed-<n>.json (cxr.results.load_all: RunRecord
-objects), groups the runs into comparisons (all runs sharing spec.name and spec.sweep; a setting is one
-value of the swept key(s)), computes the statistics (cxr.stats), draws the figures (matplotlib, PNG)
-into <out dir>/figures and renders templates/report.md.j2 (Jinja2, StrictUndefined).
+`render(results_dir)` reads every results/runs/<id>/seed-<n>.json (cxr.results.read: RunRecord
+objects; a file that is not a readable record is listed under "Skipped files"), groups the runs into
+comparisons (all runs sharing spec.name and spec.sweep; a setting is one value of the swept key(s) and
+one recipe, data content and training version: different ones are never averaged), computes the
+statistics (cxr.stats), draws the figures (matplotlib, PNG) into <out dir>/figures and renders
+templates/report.md.j2 (Jinja2, StrictUndefined); report and figures are replaced atomically.
 
     format     how numbers, intervals, p-values and swept values read; the Jinja filters
     prose      the analysis sentences, each built under a condition that makes it true
@@ -11,6 +13,7 @@ into <out dir>/figures and renders templates/report.md.j2 (Jinja2, StrictUndefin
     figures    FIGURE_KINDS, the one table of figures: file suffix, alt text, draw function
     info       the "What was run" rows and the "All runs" table
     timings    pytest-benchmark JSON as tables
+    files      reading the result files (skipping unreadable ones), atomic writes with the user's mode
     template   the Jinja environment, the context, the sections, render()
 
 The report knows no course: section headings are the spec files' titles (spec.title) and the grid
@@ -18,6 +21,7 @@ it expects is the spec file's (spec.grid).
 """
 
 from cxr.report.figures import FIGURE_KINDS, FigureKind, accuracy_figure, curves_figure, roc_figure, with_figures
+from cxr.report.files import draw_atomically, load, skipped_line, write_text
 from cxr.report.format import (
     FILTERS,
     KEY_NAMES,
@@ -40,6 +44,7 @@ from cxr.report.format import (
     rate,
     secs,
     setting_label,
+    short_source,
     value_text,
 )
 from cxr.report.info import _training, run_info, run_rows
@@ -66,6 +71,7 @@ from cxr.report.prose import (
     pair_sentence,
     status_sentences,
     trend_sentence,
+    variant_sentences,
 )
 from cxr.report.template import Expected, Section, context, environment, expected, render, sections, templates_dir
 from cxr.report.timings import benchmarks
@@ -79,12 +85,14 @@ __all__ = [
     # formatting (the Jinja filters)
     "FILTERS", "KEY_NAMES", "pct", "num", "pct_ms", "pct_ci", "num_ms", "num_ci", "pval", "p_text", "pts",
     "pt", "secs", "rate", "duration", "capfirst", "cell", "plural", "fmt_seeds", "key_name", "value_text",
-    "setting_label",
+    "setting_label", "short_source",
     # sentences
     "ALPHA", "pair_sentence", "mcnemar_sentence", "best_sentences", "trend_sentence", "baseline_sentences",
-    "status_sentences", "missing_sentences", "analysis_sentences", "grid_text",
+    "status_sentences", "missing_sentences", "analysis_sentences", "grid_text", "variant_sentences",
     # figures
     "FigureKind", "FIGURE_KINDS", "with_figures", "curves_figure", "roc_figure", "accuracy_figure",
     # what was run, timings
     "run_info", "run_rows", "_training", "benchmarks",
+    # files
+    "load", "skipped_line", "write_text", "draw_atomically",
 ]

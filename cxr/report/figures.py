@@ -1,7 +1,8 @@
 """The report's figures (matplotlib, PNG), one table of kinds: `FIGURE_KINDS`.
 
 Each kind draws one figure of a comparison into <report dir>/figures/<slug>-<kind>.png and returns its
-caption, or None when the comparison has nothing to show in it. Adding a figure is one entry in
+caption, or None when the comparison has nothing to show in it. It draws to a temp file that replaces
+the figure once complete (cxr.report.files.draw_atomically). Adding a figure is one entry in
 FIGURE_KINDS: its file suffix, its alt text and its draw function.
 """
 
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from cxr.report.files import draw_atomically
 from cxr.report.format import key_name, num, num_ms, plural, value_text
 from cxr.report.model import Comparison, Figure, Setting
 
@@ -135,10 +137,11 @@ def roc_figure(c: Comparison, path: Path) -> str | None:
 
 def _tick(sweep: tuple, s: Setting) -> str:
     """The x tick of a setting: its value for one key, one line per key for several, else the run id."""
+    note = f"\n[{s.note}]" if s.note else ""
     if len(sweep) == 1:
-        return value_text(sweep[0], s.values[0])
+        return value_text(sweep[0], s.values[0]) + note
     lines = [f"{key_name(k)} {value_text(k, v)}" for k, v in zip(sweep, s.values, strict=True)]
-    return "\n".join(lines) or s.label
+    return "\n".join(lines) + note if lines else s.label
 
 
 def _n_runs(s: Setting) -> str:
@@ -153,7 +156,8 @@ def accuracy_figure(c: Comparison, path: Path) -> str | None:
     ax = fig.subplots()
     key = c.sweep[0] if len(c.sweep) == 1 else None
     values = [s.values[0] for s in c.settings]
-    numeric = key is not None and all(isinstance(v, (int, float)) and v > 0 for v in values)
+    numeric = key is not None and all(isinstance(v, (int, float)) and v > 0 for v in values) \
+        and len(set(values)) == len(values)  # a value with several variants: one position per setting
     xs = values if numeric else list(range(len(values)))
     ratio = max(values) / min(values) if numeric else 1
     if ratio >= 4:
@@ -215,7 +219,7 @@ def with_figures(c: Comparison, fig_dir: Path) -> Comparison:
     figures = []
     for kind in FIGURE_KINDS:
         path = fig_dir / f"{c.slug}-{kind.kind}.png"
-        caption = kind.draw(c, path)
+        caption = draw_atomically(path, lambda tmp, kind=kind: kind.draw(c, tmp))
         if caption:
             figures.append(Figure(path=f"figures/{path.name}", caption=caption, alt=f"{c.name}: {kind.alt}"))
     return dataclasses.replace(c, figures=tuple(figures))

@@ -8,6 +8,7 @@ Each takes None (or a summary whose mean is None) and gives "n/a".
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from cxr import losses
 from cxr.metrics import pct  # the one percent format, shared with the CLI and the benchmark runner
@@ -119,6 +120,14 @@ def value_text(key: str, v) -> str:
         loss = losses.LOSSES.get(v)
         return loss.label if loss is not None else str(v)
     return f"{v:g}" if isinstance(v, float) else str(v)
+
+
+def short_source(source: str) -> str:
+    """A data source without directories, so the report holds no absolute paths: "npz:/a/b.npz" -> "npz:b.npz"."""
+    scheme, sep, arg = source.partition(":")
+    if sep and ("/" in arg or "\\" in arg):
+        return f"{scheme}:{Path(arg).name}"
+    return source
 
 
 def setting_label(sweep: tuple[str, ...], values: tuple) -> str:

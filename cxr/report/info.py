@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from pathlib import Path
 
 from cxr.record import DIVERGED, FAILED, OK, RunRecord
-from cxr.report.format import duration, plural
+from cxr.report.format import duration, plural, short_source
 from cxr.report.model import Comparison
 
 
@@ -17,14 +16,6 @@ def _distinct(values) -> str:
         if v not in seen:
             seen.append(v)
     return ", ".join(seen) if seen else "n/a"
-
-
-def _short_source(source: str) -> str:
-    """A data source without directories, so the report holds no absolute paths."""
-    scheme, sep, arg = source.partition(":")
-    if sep and ("/" in arg or "\\" in arg):
-        return f"{scheme}:{Path(arg).name}"
-    return source
 
 
 def _time(s: str | None) -> dt.datetime | None:
@@ -56,7 +47,7 @@ def _datasets(results: list[RunRecord]) -> list[dict]:
         key = (d.get("source"), d.get("image_size"))
         if d and key not in seen:
             seen.add(key)
-            datasets.append({"name": d.get("name", "?"), "source": _short_source(str(d.get("source"))),
+            datasets.append({"name": d.get("name", "?"), "source": short_source(str(d.get("source"))),
                              "synthetic": bool(d.get("synthetic")), "image_size": d.get("image_size"),
                              "splits": [{"name": k, **v} for k, v in (d.get("splits") or {}).items()]})
     return datasets

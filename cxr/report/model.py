@@ -1,13 +1,19 @@
 """The report's data model: runs grouped into comparisons and settings, with their paired tests.
 
 A comparison is every run sharing spec.name and spec.sweep; a setting is one value of the swept
-key(s) (without a sweep, one run id). Only runs with status "ok" enter means, intervals and tests;
+key(s) (without a sweep, one run id) and one variant: the recipe without the seed (spec.setting_hash),
+the data's content (data_fingerprint) and the training code's version. Runs that differ in any of
+these are never averaged: one swept value with several variants gives several settings, each label
+naming how it differs ("learning rate 0.01 [epochs 1]"). Runs are paired only when their test split
+is the same: equal test fingerprints (and labels); records without fingerprints (schema version 1)
+are compared by their labels only. Only runs with status "ok" enter means, intervals and tests;
 diverged and failed runs are counted and listed. Every object here is immutable: frozen dataclasses
 holding tuples and read-only mappings, built once by `comparison`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -16,10 +22,11 @@ from types import MappingProxyType
 
 import numpy as np
 
+from cxr import spec as spec_mod
 from cxr import stats
 from cxr.errors import CxrError
 from cxr.record import DIVERGED, FAILED, OK, RunRecord
-from cxr.report.format import key_name, plural, setting_label, value_text
+from cxr.report.format import key_name, plural, setting_label, short_source, value_text
 from cxr.report.prose import analysis_sentences, mcnemar_sentence, missing_sentences, pair_sentence
 
 N_BOOT = 2000  # paired bootstrap resamples
@@ -64,6 +71,7 @@ class Setting:
     best_epochs: str  # per seed, e.g. "7, 9, 8 of 10"
     n_diverged: int
     n_failed: int
+    note: str = ""  # how it differs from the other settings of its swept value, e.g. "epochs 1"; "" if none
 
     def __post_init__(self):
         _freeze(self, ("accuracy", "auroc", "sensitivity", "specificity", "train_loss", "train_seconds",
@@ -109,7 +117,8 @@ class Comparison:
     title: str
     sources: str
     settings: tuple[Setting, ...]
-    test_set: dict | None  # {"n", "normal", "pneumonia"} shared by every ok run, or None
+    test_set: dict | None  # {"n", "normal", "pneumonia", "fingerprinted"} shared by every ok run, or None;
+    #                        fingerprinted: the same images (test fingerprints equal), else the same labels
     pairs: tuple[Pair, ...]
     pair_scheme: str  # how pairs were chosen, or why there is no test
     not_ok: tuple[RunRecord, ...]  # runs that diverged or failed
@@ -133,14 +142,15 @@ class Comparison:
 
 # ------------------------------------------------------------------------------ building
 
-def _setting(sweep: tuple, values: tuple, runs: list[RunRecord]) -> Setting:
+def _setting(sweep: tuple, values: tuple, runs: list[RunRecord], note: str = "") -> Setting:
     runs = sorted(runs, key=lambda r: r.seed)
     ok = tuple(r for r in runs if r.status == OK)
     epochs = sorted({r.spec["epochs"] for r in ok})
     best = ", ".join(str(r.best_epoch) for r in ok)
     best_epochs = f"{best} of {'/'.join(map(str, epochs))}" if ok else "n/a"
     return Setting(
-        values=values, label=setting_label(sweep, values), runs=tuple(runs), ok=ok,
+        values=values, label=setting_label(sweep, values) + (f" [{note}]" if note else ""), note=note,
+        runs=tuple(runs), ok=ok,
         accuracy=stats.mean_std_ci([r.test("accuracy") for r in ok], bounds=UNIT),
         auroc=stats.mean_std_ci([r.test("auroc") for r in ok], bounds=UNIT),
         sensitivity=stats.mean_std_ci([r.test("sensitivity") for r in ok], bounds=UNIT),
@@ -154,18 +164,74 @@ def _setting(sweep: tuple, values: tuple, runs: list[RunRecord]) -> Setting:
     )
 
 
+def _variant(r: RunRecord) -> tuple:
+    """What the runs averaged into one row share besides the swept values: (the recipe without the seed,
+    the data's content as sorted (split, hash) pairs or None (not fingerprinted), the training version)."""
+    fp = r.data_fingerprint
+    return spec_mod.from_dict(r.spec).setting_hash(), tuple(sorted(fp.items())) if fp else None, r.training_version
+
+
+def _order(v) -> tuple:
+    return (isinstance(v, str), v)
+
+
+def _notes(variants: dict[tuple, list[RunRecord]]) -> dict[tuple, tuple[tuple, str]]:
+    """How each variant of one swept value differs from the others: {variant: (sort key, note)}, the note
+    naming the spec keys whose values differ ("epochs 1"), the data ("data 1a2b3c4d": the test split's
+    fingerprint) and the training version, where they differ."""
+    specs = {v: spec_mod.from_dict(runs[0].spec) for v, runs in variants.items()}
+    recipe_keys = set().union(*(s.recipe() for s in specs.values())) - {"seed"}
+    keys = [f.name for f in dataclasses.fields(spec_mod.ExperimentSpec) if f.name in recipe_keys
+            and len({repr(getattr(s, f.name)) for s in specs.values()}) > 1]
+    parts = {v: [f"{key_name(k)} {_key_text(k, getattr(specs[v], k))}" for k in keys] for v in variants}
+    order = {v: [_order(getattr(specs[v], k)) for k in keys] for v in variants}
+    fps = {v: dict(v[1]) if v[1] else {} for v in variants}
+    if len({v[1] for v in variants}) > 1:
+        splits = ["test"] if len({fp.get("test") for fp in fps.values()}) > 1 else \
+            [s for s in ("train", "val") if len({fp.get(s) for fp in fps.values()}) > 1]
+        for v in variants:
+            for split in splits:
+                name = "data" if split == "test" else f"{split} data"
+                parts[v].append(f"{name} {fps[v][split][:8]}" if split in fps[v] else f"{name} not fingerprinted")
+                order[v].append(_order(fps[v].get(split, "")))
+    if len({v[2] for v in variants}) > 1:
+        for v in variants:
+            parts[v].append(f"training version {'unknown' if v[2] is None else v[2]}")
+            order[v].append(_order(-1 if v[2] is None else v[2]))
+    notes = {v: ", ".join(parts[v]) for v in variants}
+    for v in variants:  # spec values that read the same (floats beyond %g): the recipe's hash tells them apart
+        if list(notes.values()).count(notes[v]) > 1:
+            parts[v].append(f"recipe {v[0][:8]}")
+    return {v: ((*order[v], v[0]), ", ".join(parts[v])) for v in variants}
+
+
+def _key_text(key: str, v) -> str:
+    return short_source(v) if key == "dataset" else value_text(key, v)
+
+
 def _test_set(settings) -> tuple[dict | None, np.ndarray | None, str]:
-    """The y_true shared by every ok run with predictions, or (None, None, why not)."""
-    ys = [r.predictions["y_true"] for s in settings for r in s.ok if r.predictions]
-    if not ys:
+    """The test split shared by every ok run with predictions, or (None, None, why not): the same images
+    when the runs' test fingerprints are equal (and their y_true too); runs without a fingerprint (schema
+    version 1) are compared by y_true only, and then "fingerprinted" is False."""
+    runs = [r for s in settings for r in s.ok if r.predictions]
+    if not runs:
         return None, None, "no finished run with stored test predictions"
+    prints: dict[str, list[str]] = {}
+    for s in settings:
+        for fp in dict.fromkeys(r.data_fingerprint["test"] for r in s.ok if r.predictions and r.data_fingerprint):
+            prints.setdefault(fp, []).append(s.label)
+    if len(prints) > 1:
+        listing = ", ".join(f"{fp[:8]} for {' and '.join(labels)}" for fp, labels in prints.items())
+        return None, None, f"not paired: different test sets (test split fingerprint {listing})"
+    ys = [r.predictions["y_true"] for r in runs]
     if any(y != ys[0] for y in ys[1:]):
         return None, None, "the runs were not evaluated on the same test images (their y_true differ)"
     y = np.asarray(ys[0])
-    return {"n": int(y.size), "normal": int(np.sum(y == 0)), "pneumonia": int(np.sum(y == 1))}, y, ""
+    return {"n": int(y.size), "normal": int(np.sum(y == 0)), "pneumonia": int(np.sum(y == 1)),
+            "fingerprinted": all(r.data_fingerprint for r in runs)}, y, ""
 
 
-def _pairs(settings, y_true) -> tuple[list[Pair], str]:
+def _pairs(settings, y_true, same_images: bool = True) -> tuple[list[Pair], str]:
     testable = [s for s in settings if any(r.predictions for r in s.ok)]
     if len(settings) < 2:
         return [], "one setting only, nothing to compare"
@@ -190,7 +256,8 @@ def _pairs(settings, y_true) -> tuple[list[Pair], str]:
     if not raw:
         return [], "the settings share no seed with finished runs"
     if len(settings) == 2:
-        scheme = "the two settings on the same test images"
+        scheme = "the two settings on the same test images" if same_images else \
+            "the two settings on test sets with the same labels (test images not fingerprinted)"
     else:
         scheme = f"each setting against the most accurate one ({best.label})" + \
             (", the p-values adjusted with Holm's method" if len(raw) > 1 else "") + \
@@ -210,10 +277,11 @@ def _slug(name: str, sweep: tuple) -> str:
 
 def _title(name: str, sweep: tuple, settings) -> str:
     """The comparison's own heading: "`loss`: BCE vs CE", "`lr`: learning rate 0.001 / 0.01", ..."""
+    values = list(dict.fromkeys(s.values for s in settings))  # a value with several variants: named once
     if sweep == ("loss",):
-        return f"`{name}`: {' vs '.join(s.label for s in settings)}"
+        return f"`{name}`: {' vs '.join(setting_label(sweep, v) for v in values)}"
     if len(sweep) == 1:
-        return f"`{name}`: {key_name(sweep[0])} {' / '.join(value_text(sweep[0], s.values[0]) for s in settings)}"
+        return f"`{name}`: {key_name(sweep[0])} {' / '.join(value_text(sweep[0], v[0]) for v in values)}"
     if sweep:
         return f"`{name}`: {' × '.join(map(key_name, sweep))}, {plural(len(settings), 'setting')}"
     return f"`{name}`: one experiment"
@@ -239,14 +307,20 @@ def _grid(runs: list[RunRecord]) -> tuple:
 def comparison(runs: list[RunRecord]) -> Comparison:
     """One comparison from the runs sharing (spec.name, spec.sweep)."""
     name, sweep = runs[0].spec["name"], tuple(runs[0].spec.get("sweep") or ())
-    groups: dict[tuple, list] = {}
+    groups: dict[tuple, dict[tuple, list]] = {}  # swept values -> variant -> runs
     for r in runs:
         key = tuple(r.spec[k] for k in sweep) if sweep else (r.id,)
-        groups.setdefault(key, []).append(r)
-    keys = sorted(groups, key=lambda k: tuple((isinstance(v, str), v) for v in k))
-    settings = tuple(_setting(sweep, k, groups[k]) for k in keys)
+        groups.setdefault(key, {}).setdefault(_variant(r), []).append(r)
+    settings = []
+    for k in sorted(groups, key=lambda k: tuple(map(_order, k))):
+        if len(groups[k]) == 1:
+            settings.append(_setting(sweep, k, *groups[k].values()))
+            continue
+        notes = _notes(groups[k])
+        settings += [_setting(sweep, k, groups[k][v], notes[v][1]) for v in sorted(notes, key=lambda v: notes[v][0])]
+    settings = tuple(settings)
     test_set, y_true, why = _test_set(settings)
-    pairs, scheme = _pairs(settings, y_true) if y_true is not None else ([], why)
+    pairs, scheme = _pairs(settings, y_true, test_set["fingerprinted"]) if y_true is not None else ([], why)
     grid = _grid(runs)
     return Comparison(
         name=name, sweep=sweep, section=_section(runs), grid=grid, slug=_slug(name, sweep),
@@ -255,8 +329,15 @@ def comparison(runs: list[RunRecord]) -> Comparison:
         settings=settings, test_set=test_set, pairs=tuple(pairs), pair_scheme=scheme,
         not_ok=tuple(r for s in settings for r in s.runs if r.status != OK),
         missing=tuple(missing_sentences(sweep, dict(grid), settings)),
-        sentences=tuple(analysis_sentences(sweep, settings, test_set)),
+        sentences=tuple(_caveats(why if y_true is None else "") + analysis_sentences(sweep, settings, test_set)),
     )
+
+
+def _caveats(why_unpaired: str) -> list[str]:
+    if why_unpaired.startswith("not paired: different test sets"):
+        return ["The runs were evaluated on different test sets, so their test metrics below are not "
+                "directly comparable: a difference may come from the images, not the setting."]
+    return []
 
 
 def comparisons(results: list[RunRecord]) -> list[Comparison]:

@@ -94,6 +94,8 @@ def trend_sentence(key: str, settings) -> list[str]:
     done = [s for s in settings if s.accuracy["mean"] is not None]
     if len(done) < 3 or not all(isinstance(s.values[0], (int, float)) for s in done):
         return []
+    if len({s.values for s in done}) < len(done):  # a value with several variants: no single curve
+        return []
     done.sort(key=lambda s: s.values[0])
     means = [s.accuracy["mean"] for s in done]
     listing = ", ".join(f"{pct(s.accuracy['mean'])} ({value_text(key, s.values[0])})" for s in done)
@@ -140,9 +142,20 @@ def status_sentences(setting) -> list[str]:
     return [f"{setting.label}: {' and '.join(parts)}; {tail}."]
 
 
+def variant_sentences(sweep: tuple, settings) -> list[str]:
+    """Swept values whose runs differ in recipe, data or training version: shown as separate rows."""
+    groups: dict[tuple, list] = {}
+    for s in settings:
+        if s.note:
+            groups.setdefault(s.values, []).append(s)
+    return [f"The runs of {setting_label(sweep, values)} were trained with different recipes or data "
+            f"({'; '.join(s.note for s in group)}), so they are shown as separate rows, never averaged."
+            for values, group in groups.items()]
+
+
 def analysis_sentences(sweep: tuple, settings, test_set) -> list[str]:
     """The analysis of a comparison, before its pairs' sentences."""
-    sentences = []
+    sentences = variant_sentences(sweep, settings)
     for s in settings:
         sentences += status_sentences(s)
     sentences += best_sentences(settings)
@@ -165,7 +178,8 @@ def grid_text(sweep: tuple, grid: dict) -> str:
 
 
 def missing_sentences(sweep: tuple, grid: dict, settings) -> list[str]:
-    """Points of the spec file's grid that have no run, and seeds a setting lacks that others have."""
+    """Points of the spec file's grid that have no run, and seeds a swept value (over its variants) lacks
+    that others have."""
     out = []
     if sweep and set(grid) == set(sweep):
         present = [s.values for s in settings]
@@ -175,10 +189,15 @@ def missing_sentences(sweep: tuple, grid: dict, settings) -> list[str]:
             listing = (", " if len(sweep) == 1 else "; ").join(setting_label(sweep, p) for p in absent)
             out.append(f"Not run: {listing} (the spec file's grid is {grid_text(sweep, grid)}).")
     all_seeds = sorted({seed for s in settings for seed in s.seeds})
+    seeds: dict[tuple, set] = {}  # a swept value's seeds, over its variants (rows that differ in recipe or data)
+    labels: dict[tuple, str] = {}
     for s in settings:
-        lacking = [x for x in all_seeds if x not in s.seeds]
+        seeds.setdefault(s.values, set()).update(s.seeds)
+        labels[s.values] = setting_label(sweep, s.values) if s.note else s.label
+    for values, have in seeds.items():
+        lacking = [x for x in all_seeds if x not in have]
         if lacking:
-            out.append(f"{s.label} has no result for {fmt_seeds(lacking)} (other settings have "
+            out.append(f"{labels[values]} has no result for {fmt_seeds(lacking)} (other settings have "
                        f"{fmt_seeds(all_seeds)}).")
     return out
 

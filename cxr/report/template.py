@@ -1,5 +1,8 @@
 """Rendering: results directory -> context -> templates/report.md.j2 (Jinja2, StrictUndefined) -> report.md.
 
+A result file that cannot be read is listed under "Skipped files", not fatal; report.md and the
+figures are written atomically (cxr.report.files), so a failed render leaves the previous ones.
+
 The report knows nothing about any course or task list: a comparison's section is the title its runs'
 spec file gave them (spec.title), and what was meant to run is the spec file's grid (spec.grid) and
 the spec files passed as `specs`.
@@ -12,10 +15,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from cxr import results as results_mod
 from cxr import spec as spec_mod
 from cxr.record import RunRecord
 from cxr.report.figures import with_figures
+from cxr.report.files import load, write_text
 from cxr.report.format import FILTERS
 from cxr.report.info import run_info, run_rows
 from cxr.report.model import BOOT_SEED, N_BOOT, Comparison, ReportError, comparisons
@@ -99,8 +102,10 @@ def sections(comps: list[Comparison], wanted: list[Expected]) -> tuple[list[Sect
 
 
 def context(results: list[RunRecord], benchmark_json: str | Path | None = None, *,
-            specs: Sequence[str | Path] | None = None, fig_dir: Path | None = None) -> dict:
-    """Everything the template shows; with fig_dir, the comparisons' figures drawn there."""
+            specs: Sequence[str | Path] | None = None, fig_dir: Path | None = None,
+            skipped: Sequence[str] = ()) -> dict:
+    """Everything the template shows; with fig_dir, the comparisons' figures drawn there. skipped: one
+    line per result file that could not be read ("`runs/<id>/seed-<n>.json`: <problem>")."""
     bench = benchmarks(benchmark_json) if benchmark_json else None
     wanted = expected(specs)
     comps = comparisons(results)
@@ -114,7 +119,7 @@ def context(results: list[RunRecord], benchmark_json: str | Path | None = None, 
         "synthetic": [d for d in info["datasets"] if d["synthetic"]],
         "sections": titled, "others": others,
         "runs": run_rows([c for s in titled for c in s.comparisons] + others),
-        "benchmarks": bench, "n_boot": N_BOOT, "boot_seed": BOOT_SEED,
+        "benchmarks": bench, "n_boot": N_BOOT, "boot_seed": BOOT_SEED, "skipped": list(skipped),
     }
 
 
@@ -122,7 +127,10 @@ def render(results_dir: str | Path = "results", out: str | Path | None = None,
            benchmark_json: str | Path | None = None, *, figures: bool = True,
            specs: Sequence[str | Path] | None = None) -> Path:
     """Write the report of every run under results_dir/runs to `out` (default results_dir/report.md),
-    its figures to <out dir>/figures/*.png; returns the report's path.
+    its figures to <out dir>/figures/*.png; returns the report's path. Each file is replaced whole
+    (temp file, then rename) with the permissions of a plain open(path, "w"): a render that fails midway
+    (a full disk) leaves the previous report, never a truncated one. A result file that is not a
+    readable run record is left out and listed under "Skipped files".
 
     specs: spec files or directories whose titled experiments are expected: one with no results is
     listed as not run. None: expect nothing beyond what the results show. A spec file that cannot be
@@ -132,9 +140,8 @@ def render(results_dir: str | Path = "results", out: str | Path | None = None,
     if not results_dir.is_dir():
         raise ReportError(f"{results_dir}: no such results directory")
     out = Path(out) if out is not None else results_dir / "report.md"
-    ctx = context(results_mod.load_all(results_dir), benchmark_json, specs=specs,
-                  fig_dir=out.parent / "figures" if figures else None)
-    text = environment().get_template("report.md.j2").render(**ctx)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text, encoding="utf-8")
+    records, skipped = load(results_dir)
+    ctx = context(records, benchmark_json, specs=specs, fig_dir=out.parent / "figures" if figures else None,
+                  skipped=skipped)
+    write_text(out, environment().get_template("report.md.j2").render(**ctx))
     return out
