@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from cxr import losses
-from cxr.errors import CxrError
+from cxr.errors import CxrError, one_line
 
 # Fixed normalisation of [0, 1] inputs to roughly zero mean, unit spread. Constants, not
 # statistics of one data set, so a state dict means the same thing on any data.
@@ -18,7 +18,12 @@ _MEAN, _STD = 0.5, 0.25
 
 
 class WeightsError(CxrError):
-    """Weights that do not fit any model; the message names the file and the mismatch."""
+    """Weights that do not fit any model; the message names the file and the mismatch.
+
+    The message is kept to one line: line breaks (a key or path may hold one) become spaces."""
+
+    def __init__(self, message: str):
+        super().__init__(" ".join(str(message).splitlines()))
 
 
 class _Normalize(nn.Module):
@@ -97,6 +102,29 @@ MODELS = {
 }
 
 
+MAX_PARAMETERS = 100_000_000  # 400 MB of fp32 weights, ~1.6 GB with gradients and Adam's moments; resnet18
+#                              at width 16 has 11.2M. Raise it here for a bigger model on a bigger machine.
+
+
+def parameter_count(name: str, num_outputs: int, width: int) -> int:
+    """Parameters of build_model(name, num_outputs, width), counted on the meta device: no memory spent."""
+    with torch.device("meta"):
+        model = MODELS[name][0](num_outputs, width)
+    return sum(p.numel() for p in model.parameters())
+
+
+def check_size(name: str, num_outputs: int, width: int, where: str) -> None:
+    """Raise WeightsError (a CxrError naming `where`) when the model would have more than MAX_PARAMETERS."""
+    try:
+        n = parameter_count(name, num_outputs, width)
+    except (RuntimeError, OverflowError, ValueError):  # sizes past int64 ("Storage size calculation overflowed")
+        n = None
+    if n is None or n > MAX_PARAMETERS:
+        count = "more than 2**63" if n is None else f"{n:,}"
+        raise WeightsError(f"{where}: {name} at width {width} has {count} parameters, more than the limit of "
+                           f"{MAX_PARAMETERS:,} (cxr.models.MAX_PARAMETERS)")
+
+
 def build_model(name: str = "cnn", num_outputs: int = 2, width: int = 16) -> nn.Module:
     """A fresh model; num_outputs is the loss's head size (cxr.losses: 1 for BCE, 2 for CE and focal)."""
     if name not in MODELS:
@@ -132,15 +160,75 @@ def count_flops(model: nn.Module, image_size: int) -> int:
     return flops
 
 
+def _key(key: str) -> str:
+    """A state-dict key for a message: quoted, escaped, and cut to 80 characters."""
+    text = repr(key)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_entries(state_dict, source: str) -> None:
+    """A mapping of str keys to plain dense CPU tensors of a real dtype; only metadata is read."""
+    if not isinstance(state_dict, dict):
+        raise WeightsError(f"{source}: not a state dict (a mapping of parameter names to tensors) "
+                           f"but a {type(state_dict).__name__}")
+    for key, value in state_dict.items():
+        if not isinstance(key, str):
+            raise WeightsError(f"{source}: not a state dict: the key {key!r:.80} is a {type(key).__name__}, "
+                               "not a parameter name")
+        if not isinstance(value, torch.Tensor):
+            raise WeightsError(f"{source}: not a state dict: {_key(key)} holds a {type(value).__name__}, not a tensor")
+        if (value.layout != torch.strided or value.device.type != "cpu" or value.is_quantized or value.is_nested
+                or value.is_complex()):
+            raise WeightsError(f"{source}: {_key(key)} is not a plain tensor of real numbers (layout {value.layout}, "
+                               f"device {value.device.type}, dtype {value.dtype})")
+
+
+def _shape(state_dict: dict, key: str, rank: int, what: str, source: str) -> tuple[int, ...]:
+    shape = tuple(state_dict[key].shape)
+    if len(shape) != rank:
+        raise WeightsError(f"{source}: expected a {rank}-D {what} weight at {_key(key)}, found shape {list(shape)}")
+    return shape
+
+
+def _keys(keys: list[str]) -> str:
+    return ", ".join(map(_key, keys[:3])) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def _mismatch(expected: dict, given: dict) -> str:
+    """How `given` differs from the keys and shapes of `expected` (a model's state dict); "" when it fits."""
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    parts = [f"{what} {_keys(keys)}" for what, keys in (("missing", missing), ("unexpected", unexpected)) if keys]
+    if not parts:
+        wrong = [k for k in expected if tuple(given[k].shape) != tuple(expected[k].shape)]
+        if wrong:
+            k = wrong[0]
+            more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+            parts.append(f"{_key(k)} has shape {list(given[k].shape)}, expected {list(expected[k].shape)}{more}")
+    return "; ".join(parts)
+
+
+def check_finite(model: nn.Module, source: str) -> None:
+    """Raise WeightsError naming the first tensor of `model` that holds NaN or infinite values."""
+    for key, tensor in model.state_dict().items():
+        if tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise WeightsError(f"{source}: {bad} non-finite value{'s' if bad > 1 else ''} in {key}")
+
+
 def infer_model(state_dict: dict, name: str | None = None, num_outputs: int | None = None,
                 source: str = "weights") -> tuple[str, int, int, nn.Module]:
     """(name, num_outputs, width, model loaded with state_dict) for weights of a known model.
 
     Width and output count are read off the tensors' shapes; `name`/`num_outputs` restrict the
     search (e.g. from --model / --loss). Raises WeightsError naming `source` when nothing fits.
+    Everything is checked before memory is spent: the dict's form (str keys, plain tensors), the
+    ranks of the first conv and head weights, and the size of the model they imply (check_size,
+    on the meta device), so a small hostile file cannot make build_model allocate gigabytes.
+    Loaded weights must be finite.
     """
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise WeightsError(f"{source}: not a state dict (a mapping of parameter names to tensors)")
+    _check_entries(state_dict, source)
     names = [name] if name else list(MODELS)
     problems = []
     for candidate in names:
@@ -151,20 +239,26 @@ def infer_model(state_dict: dict, name: str | None = None, num_outputs: int | No
         if first not in state_dict or not head:
             problems.append(f"{candidate}: missing {first if first not in state_dict else 'head weights'}")
             continue
-        width = state_dict[first].shape[0] // per_width
-        outputs = state_dict[head[-1]].shape[0]
+        width = _shape(state_dict, first, 4, "conv", source)[0] // per_width
+        outputs = _shape(state_dict, head[-1], 2, "linear head", source)[0]
         if num_outputs is not None and outputs != num_outputs:
             raise WeightsError(f"{source}: the weights have {outputs} output(s) but --loss asks for "
                                f"{num_outputs} ({losses.for_outputs(num_outputs).name})")
         if outputs not in losses.OUTPUTS or width < 1:
             problems.append(f"{candidate}: {outputs} outputs, width {width}")
             continue
+        check_size(candidate, outputs, width, source)
+        with torch.device("meta"):  # the keys and shapes the model needs, still without memory
+            mismatch = _mismatch(MODELS[candidate][0](outputs, width).state_dict(), state_dict)
+        if mismatch:
+            problems.append(f"{candidate} at width {width}: {mismatch}")
+            continue
         model = build_model(candidate, outputs, width)
         try:
             model.load_state_dict(state_dict, strict=True)
-        except RuntimeError as e:
-            first_line = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
-            problems.append(f"{candidate}: {first_line[:200]}")
+        except (RuntimeError, ValueError, TypeError) as e:  # e.g. a dtype that cannot be copied
+            problems.append(f"{candidate}: {one_line(e, 200)}")
             continue
+        check_finite(model, source)
         return candidate, outputs, width, model
     raise WeightsError(f"{source}: the weights fit no model ({'; '.join(problems)})")

@@ -181,7 +181,9 @@ def from_dict(obj: Any, where: str = "<record>") -> RunRecord:
     error = best_match(_validator().iter_errors(obj))
     if error is not None:
         at = "/".join(map(str, error.absolute_path)) or "(top level)"
-        raise RecordError(f"{where}: {at}: {error.message[:200]}")
+        why = error.message if len(error.message) <= 160 else \
+            f"the value does not satisfy {error.validator} {json.dumps(error.validator_value)[:80]}"
+        raise RecordError(f"{where}: {at}: {why}")
     fields = {f.name for f in dataclasses.fields(RunRecord)}
     return RunRecord(**{k: (tuple(v) if k == "history" else v) for k, v in obj.items() if k in fields})
 

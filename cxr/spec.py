@@ -7,9 +7,11 @@ the rest of the package trusts an ExperimentSpec.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
+import math
 import re
 import tomllib
 from dataclasses import dataclass
@@ -140,13 +142,33 @@ _RANGES = {
     "warmup_epochs": (0, 1000, True, True), "step_epochs": (1, 10000, True, True),
     "step_gamma": (0, 1, False, True), "label_smoothing": (0, 1, True, False),
     "augment_shift": (0, 0.5, True, True), "augment_rotate": (0, 180, True, True),
-    "augment_scale": (0, 0.5, True, True), "batch_size": (1, 65536, True, True),
+    "augment_scale": (0, 0.5, True, True), "batch_size": (2, 65536, True, True),
     "epochs": (1, 10000, True, True), "ema": (0, 1, True, False), "focal_gamma": (0, 10, True, True),
 }
 DEFAULT_SEEDS = (0,)
 
 
 MAX_ID = 120
+MAX_RUNS = 10_000  # runs (grid points x seeds) per spec file: far above any study this suite runs on a
+#                    few GPUs, and far below what makes expanding the grid itself a problem
+
+
+def _check_model_size(path: Path, point: dict) -> None:
+    """Refuse a model over cxr.models.MAX_PARAMETERS (counted without building it) in the spec, not later."""
+    from cxr.models import MAX_PARAMETERS, parameter_count
+
+    model = point.get("model", ExperimentSpec.model)
+    width = point.get("width", ExperimentSpec.width)
+    outputs = losses.get(point.get("loss", ExperimentSpec.loss)).outputs
+    n = _parameters(parameter_count, model, outputs, width)
+    if n > MAX_PARAMETERS:
+        raise SpecError(f"{path}: model {model!r} at width {width} has {n:,} parameters; at most "
+                        f"{MAX_PARAMETERS:,} (cxr.models.MAX_PARAMETERS)")
+
+
+@functools.cache
+def _parameters(count, model: str, outputs: int, width: int) -> int:
+    return count(model, outputs, width)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.+=-]+")
 
 
@@ -168,8 +190,10 @@ def _check_value(path: Path, key: str, value, where: str):
             raise SpecError(f"{loc} = {value!r}: expected a string")
         if key in _CHOICES and value not in _CHOICES[key]:
             raise SpecError(f"{loc} = {value!r}: allowed values are {', '.join(_CHOICES[key])}")
-        if key == "name" and (not value or not all(c.isalnum() or c in "_." for c in value)):
-            raise SpecError(f"{loc} = {value!r}: use letters, digits, '_' or '.' (it starts every id)")
+        if key == "name" and (not value or len(value) > 40 or not all(c.isascii() and (c.isalnum() or c in "_.")
+                                                                      for c in value)):
+            raise SpecError(f"{loc} = {value!r}: use at most 40 ASCII letters, digits, '_' or '.' (it starts "
+                            "every id, folder and figure name)")
         if key == "title" and (len(value) > 200 or not value.isprintable()):
             raise SpecError(f"{loc} = {value[:40]!r}...: a title is one printable line of at most 200 characters")
         if key == "dataset" and not value:
@@ -252,9 +276,15 @@ def parse(text: str, path: str | Path = "<spec>") -> list[ExperimentSpec]:
 
     sweep = tuple(key for key, _ in axes)
     full_grid = tuple((key, tuple(values)) for key, values in axes)
+    n_runs = math.prod(len(opts) for _, opts in axes) * len(seeds)
+    if n_runs > MAX_RUNS:
+        sizes = " x ".join(f"{len(opts)} {key}" for key, opts in axes) or "1 point"
+        raise SpecError(f"{path}: the grid expands to {n_runs:,} runs ({sizes} x {len(seeds)} seeds); at most "
+                        f"{MAX_RUNS:,} per file (cxr.spec.MAX_RUNS): split the file or shrink the grid")
     specs, seen = [], {}
     for combo in itertools.product(*(opts for _, opts in axes)):
         point = dict(values, **dict(zip(sweep, combo, strict=True)))
+        _check_model_size(path, point)
         for seed in seeds:
             spec = ExperimentSpec(**point, seed=seed, sweep=sweep, grid=full_grid, source=str(path))
             if spec.run_id in seen:

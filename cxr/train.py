@@ -182,6 +182,9 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
                 ema.update_parameters(model)
             n_step += 1
             result.train_images += len(idx)
+        if result.train_images == 0:  # every batch had one image: nothing was learnt, so nothing to store as ok
+            raise ValueError(f"no batch of at least 2 images in an epoch ({n} training images, batch size "
+                             f"{spec.batch_size}); the run trained on 0 images")
         loss_sum, correct = step.loss_sum, step.correct
         synchronize(device)
         result.train_seconds += time.perf_counter() - t0

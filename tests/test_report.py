@@ -753,3 +753,12 @@ def test_report_error_is_a_cxr_error():
 def test_modules_stay_small():
     for path in Path(report.__file__).parent.glob("*.py"):
         assert len(path.read_text().splitlines()) < 400, path.name
+
+
+def test_names_that_share_a_slug_get_distinct_figure_files(tmp_path):
+    """Result files of older versions may hold names with non-ASCII letters, which a slug drops."""
+    a, b = (fabricate({"name": n, "loss": "ce"}, TASK_A, 0) for n in ("lossx", "lossy"))
+    a = dataclasses.replace(a, spec={**a.spec, "name": "lossé"}, id="lossé-ce-lr0.001-bs32")
+    b = dataclasses.replace(b, spec={**b.spec, "name": "lossè"}, id="lossè-ce-lr0.001-bs32")
+    slugs = [c.slug for c in report.comparisons([a, b])]
+    assert len(set(slugs)) == 2 and all(s.startswith("loss-") for s in slugs)

@@ -58,7 +58,7 @@ def test_spec_hash_covers_the_recipe_not_the_bookkeeping():
     ("[experiment]\nlr = 'fast'\n", "experiment.lr = 'fast': expected a number"),
     ("[experiment]\nlr = -1.0\n", "experiment.lr = -1.0: must be in (0, 10]"),
     ("[experiment]\nloss = 'mse'\n", "allowed values are bce, ce"),
-    ("[experiment]\nbatch_size = 0\n", "experiment.batch_size = 0: must be in [1, 65536]"),
+    ("[experiment]\nbatch_size = 0\n", "experiment.batch_size = 0: must be in [2, 65536]"),
     ("[experiment]\nbatch_size = 32.5\n", "expected an integer"),
     ("[experiment]\nepochs = true\n", "expected a int"),
     ("[experiment]\nseeds = []\n", "experiment.seeds"),

@@ -265,3 +265,20 @@ def test_random_sequences_keep_the_store_invariants(tmp_path_factory, ops):
             assert not r.ok or (out / r.weights).is_file()
     finally:
         mp.undo()
+
+
+def test_a_run_that_trained_on_no_images_is_failed_not_ok(tmp_path):
+    one = Dataset(source="one", name="one", synthetic=True, image_size=28, train=make_split(2, 1),
+                  val=make_split(32, 2), test=make_split(32, 3))
+    one = replace(one, train=replace(one.train, x=one.train.x[:1], y=one.train.y[:1]))
+    rec = train.run(SPEC, tmp_path, "cpu", data=one, progress=False)
+    assert rec.status == "failed" and "trained on 0 images" in rec.error
+    assert rec.metrics is None and rec.predictions is None and rec.weights is None
+
+
+def test_the_schema_refuses_a_failed_record_with_metrics(tiny_data, tmp_path):
+    ok = train.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False).to_dict()
+    with pytest.raises(record.RecordError, match="metrics: the value does not satisfy type \"null\""):
+        record.from_dict({**ok, "status": "failed", "error": "boom", "weights": None, "predictions": None}, "f.json")
+    with pytest.raises(record.RecordError):
+        record.from_dict({**ok, "metrics": None}, "f.json")

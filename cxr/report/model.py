@@ -14,6 +14,7 @@ holding tuples and read-only mappings, built once by `comparison`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass
@@ -345,4 +346,10 @@ def comparisons(results: list[RunRecord]) -> list[Comparison]:
     groups: dict[tuple, list] = {}
     for r in results:
         groups.setdefault((r.spec["name"], tuple(r.spec.get("sweep") or ())), []).append(r)
-    return [comparison(groups[k]) for k in sorted(groups)]
+    comps = [comparison(groups[k]) for k in sorted(groups)]
+    slugs = [c.slug for c in comps]
+    # Figure file names come from slugs: two comparisons whose names differ only in characters a slug
+    # drops (e.g. non-ASCII letters of older result files) get a short hash each, never one file for both.
+    return [c if slugs.count(c.slug) == 1 else
+            dataclasses.replace(c, slug=f"{c.slug}-{hashlib.sha256(repr((c.name, c.sweep)).encode()).hexdigest()[:8]}")
+            for c in comps]
