@@ -8,13 +8,16 @@ Every split becomes x (N, 1, S, S) float32 in [0, 1] (uint8 divided by 255) and 
 normal 0 and pneumonia 1. Where a source has no val split, val is a stratified 10% of train held out
 with seed 0 (`holdout`). `load_pair` reads one labelled set (such as kermany-fullres) from .npy files
 or image folders. Bad input raises DataError, one line naming the file and the problem. The checks and
-conversions of arrays and image files that every file source shares live in cxr.arrays.
+conversions of arrays and image files that every file source shares live in cxr.arrays, and so do the limits:
+image_size in MIN_IMAGE_SIZE..MAX_IMAGE_SIZE (8..1024), MAX_ARRAY_BYTES (4 GiB) for one file or folder, and
+PIL.Image.MAX_IMAGE_PIXELS for one image. An .npz is read member by member, each member's header checked
+before any is loaded (`_read_npz`); whatever fails while loading, running out of memory included, is a
+DataError.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
-import numbers
 import os
 import zipfile
 from collections.abc import Callable
@@ -24,7 +27,23 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cxr.arrays import CLASSES, DataError, Split, _checked, _class_images, _hw, _images, _labelled, _labels, _resize
+from cxr.arrays import (
+    CLASSES,
+    DataError,
+    Split,
+    _checked,
+    _class_images,
+    _hw,
+    _image_size,
+    _images,
+    _labelled,
+    _labels,
+    _memory,
+    _npy_header,
+    _reading,
+    _resize,
+    _within_limit,
+)
 from cxr.arrays import IMAGE_SUFFIXES as IMAGE_SUFFIXES  # re-exported: the constants stay cxr.data's
 from cxr.errors import one_line
 from cxr.synthetic import GENERATOR_VERSION, SYNTHETIC_COUNTS, make_split
@@ -104,9 +123,9 @@ def load(source: str, image_size: int = 28) -> Dataset:
 
     The cache hands every caller the same tensors: treat them as read-only.
     """
-    if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral) or image_size < 1:
-        raise DataError(f"{source}: image_size must be a positive integer, got {image_size!r}")
-    return _load(str(source), int(image_size))
+    size = _image_size(image_size, source)
+    with _memory(source):
+        return _load(str(source), size)
 
 
 def clear_cache() -> None:
@@ -144,7 +163,11 @@ def load_pair(normal_path, pneumonia_path, image_size: int | None = None) -> tup
     Each path is an .npy array (N, H, W) (the course's test_normal.npy / test_pneumonia.npy) or a
     folder of images. image_size None keeps the stored size (which must then agree).
     """
-    normal, pneumonia = _class_images(Path(normal_path), image_size), _class_images(Path(pneumonia_path), image_size)
+    if image_size is not None:
+        image_size = _image_size(image_size)
+    with _memory(f"{normal_path} and {pneumonia_path}"):
+        normal = _class_images(Path(normal_path), image_size)
+        pneumonia = _class_images(Path(pneumonia_path), image_size)
     if normal.shape[1:] != pneumonia.shape[1:]:
         raise DataError(f"{normal_path} holds {_hw(normal)} images but {pneumonia_path} holds {_hw(pneumonia)}; "
                         "pass an image_size to resize both")
@@ -244,16 +267,7 @@ def _npz(source: str, arg: str, size: int) -> Dataset:
 
 def _npz_splits(path: Path, size: int, test_fraction: float | None = None) -> dict[str, Split]:
     """The splits of a MedMNIST npz; with test_fraction, of one without a test split (test held out of val)."""
-    try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: a single .npy array, expected an .npz archive")
-        with archive:
-            arrays = {key: archive[key] for key in archive.files}
-    except FileNotFoundError:
-        raise DataError(f"{path}: no such file") from None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise DataError(f"{path}: cannot read npz ({one_line(err)})") from None
+    arrays = _read_npz(path)
     if test_fraction is not None and any(key.startswith("test_") for key in arrays):
         raise DataError(f"{path}: ?holdout= is for a file without a test split, and this one has one; "
                         f"use npz:{path}")
@@ -267,12 +281,41 @@ def _npz_splits(path: Path, size: int, test_fraction: float | None = None) -> di
                         f"(a MedMNIST npz holds train_, val_ and test_ images and labels){hint}")
     splits = {}
     for s in wanted:
-        x = _images(arrays[f"{s}_images"], f"{path} {s}_images")
-        y = _labels(arrays[f"{s}_labels"], len(x), f"{path} {s}_labels")
-        splits[s] = _checked(_resize(x, size), y, f"{path} {s}_labels")
+        with _memory(path):
+            x = _images(arrays.pop(f"{s}_images"), f"{path} {s}_images")
+            y = _labels(arrays.pop(f"{s}_labels"), len(x), f"{path} {s}_labels")
+            splits[s] = _checked(_resize(x, size), y, f"{path} {s}_labels")
     if test_fraction is not None:
         splits["val"], splits["test"] = holdout(splits["val"], f"{path} val", test_fraction, TEST_HOLDOUT_SEED)
     return splits
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz by name (member name less .npy). Every member must be an .npy array; each one's header
+    is checked against its declared size (ZipInfo.file_size) and all of them together against MAX_ARRAY_BYTES
+    before any array is loaded."""
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    if not path.is_file():
+        raise DataError(f"{path}: not a regular file")
+    with _reading(path, "cannot read npz"):
+        with open(path, "rb") as f:
+            if f.read(6) == b"\x93NUMPY":
+                raise DataError(f"{path}: a single .npy array, expected an .npz archive")
+        with zipfile.ZipFile(path) as archive:
+            members, need = archive.infolist(), 0
+            for info in members:
+                where = f"{path} member {info.filename!r}"
+                if not info.filename.endswith(".npy"):
+                    raise DataError(f"{where}: not an .npy array (an npz holds only .npy members)")
+                with _reading(where, "not a readable .npy array"), archive.open(info) as member:
+                    need += _npy_header(member, where, info.file_size)
+            _within_limit(need, path, f"its {len(members)} arrays")
+            arrays = {}
+            for info in members:
+                with _reading(f"{path} member {info.filename!r}", "cannot read"), archive.open(info) as member:
+                    arrays[info.filename.removesuffix(".npy")] = np.lib.format.read_array(member, allow_pickle=False)
+            return arrays
 
 
 # --- npy (course format) and folder (Kermany layout) -----------------------------------------------

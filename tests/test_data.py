@@ -146,6 +146,18 @@ def test_npy_accepts_channel_axes(tmp_path, shape):
     assert x.shape == (8, 1, 28, 28) and y.tolist() == [0] * 4 + [1] * 4 and x[4:].min() == 1
 
 
+@pytest.mark.parametrize("dtype", ["<u2", ">u2"])
+def test_npy_and_npz_uint16_images_are_scaled_by_65535(tmp_path, dtype):
+    pixels = np.random.default_rng(0).integers(0, 65536, (4, 8, 8)).astype(dtype)
+    np.save(tmp_path / "a.npy", pixels)
+    np.save(tmp_path / "b.npy", np.full((2, 8, 8), 65535, dtype))
+    x, _ = data.load_pair(tmp_path / "a.npy", tmp_path / "b.npy")
+    assert torch.equal(x[:4, 0], torch.from_numpy(pixels.astype(np.float32) / 65535)) and x[4:].min() == 1
+    path = write_npz(tmp_path / "m.npz", train_images=np.concatenate([pixels] * 3)[:10])
+    train = data.load(f"npz:{path}", image_size=8).train.x
+    assert torch.equal(train[:4, 0], torch.from_numpy(pixels.astype(np.float32) / 65535))  # not saturated or refused
+
+
 def test_npy_without_val_holds_out_a_stratified_tenth_of_train(tmp_path):
     root = write_npy_dir(tmp_path / "nv", n=(20, 30), val=False)
     d = data.load(f"npy:{root}")
