@@ -7,8 +7,7 @@ softmax; a focal-loss model has the same head).
 
 from __future__ import annotations
 
-import pickle
-import zipfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +16,21 @@ from torch import nn
 
 from cxr import data as data_mod
 from cxr import losses
+from cxr.arrays import _image_size
 from cxr.env import resolve_device
 from cxr.errors import one_line
 from cxr.metrics import binary_metrics
 from cxr.models import WeightsError, infer_model
 
 EVAL_BATCH = 1024
+
+# A weights file larger than this is refused before a byte is read. The largest model infer_model
+# accepts (cxr.models.MAX_PARAMETERS, 100M parameters) is 400 MB in float32 and 800 MB in float64,
+# so 2 GiB leaves room for any legitimate state dict while bounding what torch.load is asked to read.
+MAX_WEIGHTS_BYTES = 2 * 1024**3
+
+# --image-size bounds. 8 px is the least the networks can pool down (3 halvings for cnn/vgg and
+# resnet18); 1024 px keeps one evaluation batch (EVAL_BATCH images) of activations within memory.
 
 
 @torch.no_grad()
@@ -58,15 +66,36 @@ def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
 
 
 def load_state_dict(path: str | Path) -> dict:
-    """A state dict from a .pth file, loaded safely (weights_only=True); one-line errors."""
+    """What a .pth file holds, loaded safely (weights_only=True); one-line WeightsError on any failure.
+
+    A corrupt or hostile file can make torch.load fail in many ways (UnpicklingError, BadZipFile,
+    RuntimeError, EOFError, but also KeyError, IndexError, struct.error, TypeError, ...); all of them
+    mean "not loadable weights", so every Exception is mapped. The result is checked by infer_model.
+    """
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such weights file")
+    size = path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise WeightsError(f"{path}: {size:,} bytes, more than the limit of {MAX_WEIGHTS_BYTES:,} "
+                           "(MAX_WEIGHTS_BYTES in cxr/evaluate.py)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, zipfile.BadZipFile, RuntimeError, EOFError, ValueError) as e:
+        with warnings.catch_warnings(record=True) as caught:  # e.g. "Detected pickle protocol 75": not a 2nd line
+            warnings.simplefilter("always")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except MemoryError:
+        raise WeightsError(f"{path}: cannot load weights (the file claims more memory than is available)") from None
+    except Exception as e:  # any failure here means a bad file (see the docstring)
         raise WeightsError(f"{path}: cannot load weights ({one_line(e, 200)})") from None
-    return obj
+    for w in caught:  # the file loaded: its warnings may matter, so pass them on
+        warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return state
+
+
+def check_image_size(image_size: int | None) -> None:
+    """Refuse an --image-size outside cxr.arrays' [MIN_IMAGE_SIZE, MAX_IMAGE_SIZE], naming the option."""
+    if image_size is not None:
+        _image_size(image_size, "--image-size")
 
 
 def evaluate_weights(weights: str | Path, normal: str | Path, pneumonia: str | Path, *,
@@ -77,6 +106,7 @@ def evaluate_weights(weights: str | Path, normal: str | Path, pneumonia: str | P
     Returns {"accuracy", "n", "sensitivity", "specificity", "auroc", "confusion", "model", "loss",
     "num_outputs", "width", "device", "input_dtype", ...}.
     """
+    check_image_size(image_size)
     state = load_state_dict(weights)
     num_outputs = None if loss is None else losses.get(loss).outputs
     name, outputs, width, net = infer_model(state, model, num_outputs, source=str(weights))
@@ -88,6 +118,9 @@ def evaluate_weights(weights: str | Path, normal: str | Path, pneumonia: str | P
     except RuntimeError as e:  # e.g. an image too small for the network
         raise WeightsError(f"{weights}: the model cannot run on images of shape {tuple(x.shape[1:])} "
                            f"({one_line(e, 160)})") from None
+    except FloatingPointError:  # finite weights can still overflow, e.g. huge values or a negative running_var
+        raise WeightsError(f"{weights}: the model produced non-finite outputs on {normal} and {pneumonia} "
+                           "(NaN or infinite scores; the weights are finite but unusable)") from None
     m = result["metrics"]
     return {
         "accuracy": m["accuracy"], "n": m["n"], "correct": m["confusion"][0][0] + m["confusion"][1][1],

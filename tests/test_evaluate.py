@@ -148,6 +148,16 @@ def test_corrupt_missing_and_mismatched_weights(trained, capsys, tmp_path):
     assert "unknown model 'vit'" in _bad(capsys, tmp, data_dir, extra=("--model", "vit"))
 
 
+def test_image_size_out_of_range_and_non_finite_weights(trained, capsys, tmp_path):
+    tmp, data_dir = trained
+    assert "--image-size: image_size 20000 is outside 8..1024 pixels" in \
+        _bad(capsys, tmp, data_dir, extra=("--image-size", "20000"))
+    state = torch.load(tmp / "results/runs/course-ce-lr0.001-bs32/seed-0/model_weights.pth", weights_only=True)
+    state["head.3.weight"][0, 0] = float("nan")
+    torch.save(state, tmp_path / "nan.pth")
+    assert "nan.pth: 1 non-finite value in head.3.weight" in _bad(capsys, tmp, data_dir, weights=tmp_path / "nan.pth")
+
+
 def test_bad_arrays_are_named(trained, capsys, tmp_path):
     tmp, data_dir = trained
     np.save(tmp_path / "flat.npy", np.zeros((5, 784), np.float32))
