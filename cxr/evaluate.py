@@ -17,6 +17,7 @@ from torch import nn
 from cxr import data as data_mod
 from cxr import losses
 from cxr.arrays import _image_size
+from cxr.decision import PLAIN, Decision, tta_probabilities
 from cxr.env import resolve_device
 from cxr.errors import one_line
 from cxr.metrics import binary_metrics
@@ -50,19 +51,34 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
     return torch.cat(out).cpu() if out else torch.empty(0, 1)
 
 
-def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device) -> dict:
-    """Metrics (accuracy, sensitivity, specificity, AUROC, ECE, confusion, loss) and predictions."""
+def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
+                   decision: Decision = PLAIN) -> dict:
+    """Metrics (accuracy, balanced accuracy, sensitivity, specificity, AUROC, ECE, confusion, loss) and
+    predictions under `decision` (rule and TTA, cxr.decision); with a decision other than the plain
+    argmax, also "plain": the metrics of the same weights under the plain argmax rule, without TTA.
+    The loss is that of the plain outputs (the head's negative log-likelihood)."""
     logits = predict_logits(model, x, device)
-    y_cpu = y.cpu()
+    y_cpu, y_np = y.cpu(), y.cpu().numpy()
     head = losses.for_outputs(logits.shape[1])
-    y_score, y_pred = head.score(logits).numpy(), head.predict(logits).numpy()
-    if not np.isfinite(y_score).all():
+    plain_score, plain_pred = head.score(logits).numpy(), head.predict(logits).numpy()
+    if decision.plain:
+        y_score, y_pred = plain_score, plain_pred
+    else:
+        if decision.tta:
+            y_score = tta_probabilities(model, x, device, decision, predict_logits, head.probabilities)[:, 1].numpy()
+        else:
+            y_score = plain_score
+        y_pred = (y_score > decision.threshold).astype(np.int64)
+    if not (np.isfinite(y_score).all() and np.isfinite(plain_score).all()):
         raise FloatingPointError("the model produced non-finite outputs")
-    metrics = binary_metrics(y_cpu.numpy(), y_score, y_pred)
-    metrics["loss"] = float(head.nll(logits, y_cpu))
+    loss = float(head.nll(logits, y_cpu))
+    metrics = {**binary_metrics(y_np, y_score, y_pred), "loss": loss}
     predictions = {"y_true": y_cpu.tolist(), "y_score": [round(float(s), 6) for s in y_score],
                    "y_pred": y_pred.tolist()}
-    return {"metrics": metrics, "predictions": predictions}
+    out = {"metrics": metrics, "predictions": predictions}
+    if not decision.plain:
+        out["plain"] = {**binary_metrics(y_np, plain_score, plain_pred), "loss": loss}
+    return out
 
 
 def load_state_dict(path: str | Path) -> dict:

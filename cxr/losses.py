@@ -24,23 +24,38 @@ if TYPE_CHECKING:
     from cxr.spec import ExperimentSpec
 
 
-def _bce(logits: torch.Tensor, y: torch.Tensor, spec: ExperimentSpec) -> torch.Tensor:
+def _weighted_mean(per_image: torch.Tensor, y: torch.Tensor, class_weights: torch.Tensor | None) -> torch.Tensor:
+    """Mean over images, each weighted by its class's weight and normalised by the weights' sum (as
+    torch's cross_entropy(weight=...) does), or the plain mean without class weights."""
+    if class_weights is None:
+        return per_image.mean()
+    w = class_weights[y]
+    return (w * per_image).sum() / w.sum()
+
+
+def _bce(logits: torch.Tensor, y: torch.Tensor, spec: ExperimentSpec,
+         class_weights: torch.Tensor | None = None) -> torch.Tensor:
     target = y.float()
     if spec.label_smoothing:
         target = target * (1 - spec.label_smoothing) + 0.5 * spec.label_smoothing
-    return F.binary_cross_entropy_with_logits(logits[:, 0], target)
+    per_image = F.binary_cross_entropy_with_logits(logits[:, 0], target, reduction="none")
+    return _weighted_mean(per_image, y, class_weights)
 
 
-def _ce(logits: torch.Tensor, y: torch.Tensor, spec: ExperimentSpec) -> torch.Tensor:
-    return F.cross_entropy(logits, y, label_smoothing=spec.label_smoothing)
+def _ce(logits: torch.Tensor, y: torch.Tensor, spec: ExperimentSpec,
+        class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    return F.cross_entropy(logits, y, weight=class_weights, label_smoothing=spec.label_smoothing)
 
 
-def _focal(logits: torch.Tensor, y: torch.Tensor, spec: ExperimentSpec) -> torch.Tensor:
-    return focal_loss(logits, y, spec.focal_gamma, spec.label_smoothing)
+def _focal(logits: torch.Tensor, y: torch.Tensor, spec: ExperimentSpec,
+           class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    return focal_loss(logits, y, spec.focal_gamma, spec.label_smoothing, class_weights)
 
 
-def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.0, label_smoothing: float = 0.0) -> torch.Tensor:
-    """Mean over images of sum_c -q_c (1 - p_c)^gamma log p_c, q the (smoothed) one-hot target.
+def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.0, label_smoothing: float = 0.0,
+               class_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean over images of sum_c -q_c (1 - p_c)^gamma log p_c, q the (smoothed) one-hot target; with
+    class weights, each image weighs its class's weight (normalised by their sum).
 
     With no smoothing this is Lin et al.'s -(1 - p_t)^gamma log p_t; gamma 0 is cross-entropy.
     """
@@ -49,7 +64,14 @@ def focal_loss(logits: torch.Tensor, y: torch.Tensor, gamma: float = 2.0, label_
     if label_smoothing:
         q = q * (1 - label_smoothing) + label_smoothing / logits.shape[1]
     weight = (1 - log_p.exp()).clamp(min=0) ** gamma
-    return -(q * weight * log_p).sum(1).mean()
+    return _weighted_mean(-(q * weight * log_p).sum(1), y, class_weights)
+
+
+def balanced_class_weights(y: torch.Tensor) -> torch.Tensor:
+    """n / (2 n_c) per class c from the labels' counts (scikit-learn's "balanced"): each class then
+    weighs half of the loss. PneumoniaMNIST's train split (1214 normal, 3494 pneumonia): 1.94, 0.67."""
+    counts = torch.bincount(y, minlength=2).double()
+    return (len(y) / (2 * counts)).float()
 
 
 @dataclass(frozen=True)
@@ -58,7 +80,7 @@ class Loss:
     label: str  # as a reader names it in the report
     outputs: int  # logits of the model's head
     description: str  # one line, for errors and help
-    train_loss: Callable[[torch.Tensor, torch.Tensor, ExperimentSpec], torch.Tensor]  # what training minimises
+    train_loss: Callable[..., torch.Tensor]  # (logits, y, spec, class_weights=None): what training minimises
 
     def nll(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Mean negative log-likelihood of the labels under the head: the loss reported for val and
@@ -74,6 +96,11 @@ class Loss:
     def score(self, logits: torch.Tensor) -> torch.Tensor:
         """P(pneumonia) per image."""
         return torch.sigmoid(logits[:, 0]) if self.outputs == 1 else torch.softmax(logits, 1)[:, 1]
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """(N, 2) class probabilities (normal, pneumonia): what test-time augmentation averages."""
+        p = self.score(logits)
+        return torch.stack([1 - p, p], 1) if self.outputs == 1 else torch.softmax(logits, 1)
 
 
 LOSSES: dict[str, Loss] = {loss.name: loss for loss in (

@@ -76,14 +76,15 @@ def _ece(y_true: np.ndarray, y_score: np.ndarray, y_pred: np.ndarray, n_bins: in
 
 
 def binary_metrics(y_true, y_score, y_pred=None, *, n_bins: int = 15) -> dict:
-    """Accuracy, sensitivity, specificity, precision, F1, AUROC, ECE and the confusion matrix.
+    """Accuracy, balanced accuracy, sensitivity, specificity, precision, F1, AUROC, ECE, confusion matrix.
 
     y_true: (N,) labels in {0, 1}; y_score: (N,) predicted probability of pneumonia in [0, 1];
     y_pred: (N,) predicted labels, default y_score > 0.5 (callers pass it when the model decides
     otherwise, e.g. BCE's logit > 0 or CE's argmax, which can differ at exact ties).
-    Returns {"n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "ece",
-    "confusion": [[tn, fp], [fn, tp]]}; sensitivity = tp / (tp + fn), specificity =
-    tn / (tn + fp); ratios with a zero denominator, and AUROC of a one-class y_true, are None.
+    Returns {"n", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1",
+    "auroc", "ece", "confusion": [[tn, fp], [fn, tp]]}; sensitivity = tp / (tp + fn), specificity =
+    tn / (tn + fp), balanced accuracy their mean; ratios with a zero denominator, balanced accuracy
+    and AUROC of a one-class y_true, are None.
     ECE: the standard expected calibration error of the predicted class's confidence (y_score
     where y_pred is 1, else 1 - y_score) against correctness, over n_bins equal-width bins of
     [0, 1], each weighted by its count / N (details in `_ece`). Bad input: one-line ValueError.
@@ -99,11 +100,13 @@ def binary_metrics(y_true, y_score, y_pred=None, *, n_bins: int = 15) -> dict:
     (tn, fp), (fn_, tp) = confusion_matrix(y_true, y_pred, labels=[0, 1]).tolist()
     n = len(y_true)
     one_class = tn + fp == 0 or fn_ + tp == 0
+    sensitivity, specificity = _ratio(tp, tp + fn_), _ratio(tn, tn + fp)
     return {
         "n": n,
         "accuracy": float((tn + tp) / n),
-        "sensitivity": _ratio(tp, tp + fn_),
-        "specificity": _ratio(tn, tn + fp),
+        "balanced_accuracy": None if one_class else (sensitivity + specificity) / 2,
+        "sensitivity": sensitivity,
+        "specificity": specificity,
         "precision": _ratio(tp, tp + fp),
         "f1": _ratio(2 * tp, 2 * tp + fp + fn_),
         "auroc": None if one_class else float(roc_auc_score(y_true, y_score)),

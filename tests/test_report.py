@@ -70,6 +70,9 @@ def _y_true(n_test: int) -> np.ndarray:
 FINGERPRINT = {"train": "1111aaaa2222bbbb", "val": "3333cccc4444dddd", "test": "5555eeee6666ffff"}
 
 
+PLAIN_DECISION = {"rule": "argmax", "threshold": 0.5, "prior": None, "tta": 0, "augment": None}
+
+
 def fabricate(kw: dict, task: Task, seed: int, *, acc: float = 0.85, status: str = "ok",
               n_test: int = 60, epochs: int = 4, error: str | None = None, stop_epoch: int = 2,
               index: int = 0, fingerprint: dict | None = FINGERPRINT,
@@ -110,6 +113,7 @@ def fabricate(kw: dict, task: Task, seed: int, *, acc: float = 0.85, status: str
         "spec_hash": spec.spec_hash(),
         "identity": record.identity(spec.spec_hash(), fingerprint, training_version) if fingerprint else None,
         "data_fingerprint": fingerprint, "training_version": training_version if fingerprint else None,
+        "decision": PLAIN_DECISION if fingerprint else None,
         "status": status, "error": error, "history": history, "best_epoch": best_epoch,
         "metrics": metrics, "predictions": predictions,
         "timing": None if status == "failed" else

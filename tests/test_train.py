@@ -45,9 +45,9 @@ def test_best_epoch_is_chosen_on_validation_and_test_is_touched_once(tiny_data, 
     seen = []
     real = train.evaluate_split
 
-    def spy(model, x, y, device):
+    def spy(model, x, y, device, *args):
         seen.append("test" if x is tiny_data.test.x else "val" if x is tiny_data.val.x else "?")
-        return real(model, x, y, device)
+        return real(model, x, y, device, *args)
 
     monkeypatch.setattr(train, "evaluate_split", spy)
     r = train.run(replace(SPEC, epochs=4), tmp_path, "cpu", data=tiny_data, progress=False)
@@ -65,8 +65,10 @@ def test_result_file_holds_the_documented_fields(tiny_data, tmp_path):
     raw = json.loads(results.run_path(tmp_path, SPEC).read_text())
     assert raw["schema_version"] == record.SCHEMA_VERSION == 2
     assert list(raw) == ["schema_version", "id", "seed", "spec", "spec_hash", "identity", "data_fingerprint",
-                         "training_version", "status", "error", "history", "best_epoch", "metrics", "predictions",
-                         "timing", "environment", "dataset", "weights", "reused_from"]
+                         "training_version", "decision", "status", "error", "history", "best_epoch", "metrics",
+                         "predictions", "timing", "environment", "dataset", "weights", "reused_from"]
+    assert raw["decision"] == {"rule": "argmax", "threshold": 0.5, "prior": None, "tta": 0, "augment": None}
+    assert set(raw["metrics"]) == {"val", "test"}  # plain argmax: no second set
     assert raw["identity"] == train.identity(SPEC, tiny_data) and raw["training_version"] == train.TRAINING_VERSION
     assert raw["data_fingerprint"] == tiny_data.fingerprint
     assert {"git_commit", "git_dirty", "version", "started_at", "finished_at"} <= set(raw["environment"])
@@ -106,9 +108,9 @@ def test_non_finite_loss_stops_the_run_as_diverged(tiny_data, tmp_path, monkeypa
     calls = {"n": 0}
     real = losses.LOSSES["ce"]
 
-    def exploding(logits, y, spec):
+    def exploding(logits, y, spec, class_weights=None):
         calls["n"] += 1
-        loss = real.train_loss(logits, y, spec)
+        loss = real.train_loss(logits, y, spec, class_weights)
         return loss * float("nan") if calls["n"] > 12 else loss  # epoch 2 of 8 batches per epoch
 
     monkeypatch.setitem(losses.LOSSES, "ce", replace(real, train_loss=exploding))
