@@ -75,19 +75,33 @@ def cmd_run(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from cxr.evaluate import evaluate_weights
+    from cxr.evaluate import decision_from_options, evaluate_weights
 
-    r = evaluate_weights(args.weights, args.normal, args.pneumonia, model=args.model, loss=args.loss,
-                         device=args.device, image_size=args.image_size)
+    decision = decision_from_options(args.decision, args.prior, args.tta, args.augment_shift, args.augment_rotate,
+                                     args.augment_scale)  # options first: refused before any file is read
+    weights = args.weights[0] if len(args.weights) == 1 else args.weights
+    r = evaluate_weights(weights, args.normal, args.pneumonia, model=args.model, loss=args.loss,
+                         device=args.device, image_size=args.image_size, decision=decision)
     if args.json:
-        keys = ("accuracy", "n", "sensitivity", "specificity", "auroc", "confusion", "model", "loss", "device")
+        keys = ("accuracy", "balanced_accuracy", "n", "sensitivity", "specificity", "auroc", "confusion", "model",
+                "loss", "device", "decision", "plain_accuracy", "models")
         print(json.dumps({k: r[k] for k in keys}))
         return 0
     (tn, fp), (fn, tp) = r["confusion"]
-    print(f"weights      {args.weights} ({r['model']}, width {r['width']}, {losses.get(r['loss']).label}: "
-          f"{r['num_outputs']} output{'s' if r['num_outputs'] > 1 else ''}) on {r['device']}")
+    head = f"{losses.get(r['loss']).label}: {r['num_outputs']} output{'s' if r['num_outputs'] > 1 else ''}"
+    if r["models"] == 1:
+        print(f"weights      {weights} ({r['model']}, width {r['width']}, {head}) on {r['device']}")
+    else:
+        print(f"weights      ensemble of {r['models']} models ({head}; mean probability) on {r['device']}")
+        for m in r["members"]:
+            print(f"               {m['weights']} ({m['model']}, width {m['width']})")
     print(f"images       {r['n']} ({tn + fp} normal, {fn + tp} pneumonia), shape {tuple(r['image_shape'])}")
-    print(f"accuracy     {pct(r['accuracy'])} ({r['correct']}/{r['n']})")
+    d = r["decision"]
+    ranges = "" if not d["tta"] else " (shift {:g}, rotate {:g} degrees, scale {:g})".format(*d["augment"])
+    print(f"decision     {d['text']}{ranges}")
+    plain = "" if decision.plain else f"; plain argmax {pct(r['plain_accuracy'])}"
+    print(f"accuracy     {pct(r['accuracy'])} ({r['correct']}/{r['n']}){plain}")
+    print(f"balanced acc {pct(r['balanced_accuracy'])} (mean of sensitivity and specificity)")
     print(f"sensitivity  {pct(r['sensitivity'])} (pneumonia found)")
     print(f"specificity  {pct(r['specificity'])} (normal cleared)")
     print(f"AUROC        {'n/a' if r['auroc'] is None else format(r['auroc'], '.4f')}")
@@ -127,8 +141,12 @@ def build_parser() -> argparse.ArgumentParser:
     selection(sp)
     sp.set_defaults(func=cmd_specs)
 
+    from cxr.evaluate import AUGMENT_OPTIONS, MAX_TTA
+
     sp = sub.add_parser("evaluate", help="accuracy of saved weights on test_normal.npy / test_pneumonia.npy")
-    sp.add_argument("--weights", required=True, help="state dict (.pth), e.g. results/runs/ID/seed-0/model_weights.pth")
+    sp.add_argument("--weights", required=True, action="append", metavar="PTH",
+                    help="state dict (.pth), e.g. results/runs/ID/seed-0/model_weights.pth; give it several times "
+                         "for a seed ensemble (the models' class probabilities are averaged)")
     sp.add_argument("--normal", required=True, help=".npy (or a folder of images) of normal cases (label 0)")
     sp.add_argument("--pneumonia", required=True, help=".npy (or a folder of images) of pneumonia cases (label 1)")
     sp.add_argument("--image-size", type=int, help="resize images to this size (default: keep the arrays' size)")
@@ -136,6 +154,17 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--loss", choices=losses.NAMES, help="default: inferred (1 output = bce, 2 = ce)")
     sp.add_argument("--device", default="auto", choices=DEVICES)
     sp.add_argument("--json", action="store_true", help="print one JSON object (fractions, not percent)")
+    # The decision's options are read as text and checked by cxr.evaluate.decision_from_options, so
+    # that a bad value is one line naming the option, like every other refusal.
+    sp.add_argument("--decision", metavar="RULE", help="argmax (default: the course's rule) or equal-prior: "
+                    "pneumonia when P(pneumonia) > --prior")
+    sp.add_argument("--prior", metavar="P", help="equal-prior: the train split's prevalence of pneumonia, in (0, 1) "
+                    "(PneumoniaMNIST: 0.742)")
+    sp.add_argument("--tta", metavar="N", help=f"test-time augmentation: mean probability over the identity and N "
+                    f"fixed affine draws, 0..{MAX_TTA} (default 0: off)")
+    for option, default, high in AUGMENT_OPTIONS:
+        sp.add_argument(option, metavar="X", help=f"--tta's range: as the spec key augment_{option[10:]}, "
+                        f"0..{high:g} (default {default:g}, the real-data recipe's)")
     sp.set_defaults(func=cmd_evaluate)
 
     sp = sub.add_parser("report", help="render the Markdown report from a results directory")
