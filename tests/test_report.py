@@ -71,15 +71,26 @@ FINGERPRINT = {"train": "1111aaaa2222bbbb", "val": "3333cccc4444dddd", "test": "
 
 
 PLAIN_DECISION = {"rule": "argmax", "threshold": 0.5, "prior": None, "tta": 0, "augment": None}
+TRAIN_PREVALENCE = 0.75  # the fabricated train split: 300 pneumonia of 400
+
+
+def decision_of(spec: ExperimentSpec) -> dict:
+    """cxr.decision.Decision.of(spec, y_train).to_dict() for the fabricated train split."""
+    prior = TRAIN_PREVALENCE if spec.decision == "equal-prior" else None
+    return {"rule": spec.decision, "threshold": prior or 0.5, "prior": prior, "tta": spec.tta,
+            "augment": [spec.augment_shift, spec.augment_rotate, spec.augment_scale] if spec.tta else None}
 
 
 def fabricate(kw: dict, task: Task, seed: int, *, acc: float = 0.85, status: str = "ok",
               n_test: int = 60, epochs: int = 4, error: str | None = None, stop_epoch: int = 2,
               index: int = 0, fingerprint: dict | None = FINGERPRINT,
-              training_version: int | None = 1) -> record.RunRecord:
+              training_version: int | None = 1, bias: float = 0.0, shared: float = 0.0) -> record.RunRecord:
     """One run record as cxr.train.run writes it; numbers are deterministic in (id, seed). Every run is
     trained on the same data (FINGERPRINT) by training version 1 unless told otherwise; fingerprint None
-    is a record with no identity, as schema version 1 files are read."""
+    is a record with no identity, as schema version 1 files are read. The decision follows the spec
+    (decision, tta): predictions and "test" under it, "test_plain" of the plain outputs (argmax, no TTA)
+    when it is not the plain argmax. bias shifts the logits towards pneumonia (> 0) or normal (< 0); shared is
+    the weight of image noise common to every seed (hard images are hard for every seed), 0 = independent."""
     spec = ExperimentSpec(**kw, epochs=epochs, seed=seed, sweep=task.sweep, source=task.source, title=task.title,
                           grid=task.grid)
     rng = np.random.default_rng([seed, zlib.crc32(spec.id.encode())])
@@ -99,12 +110,22 @@ def fabricate(kw: dict, task: Task, seed: int, *, acc: float = 0.85, status: str
     if status == "ok":
         y = _y_true(n_test)
         mu = norm.ppf(acc) + rng.normal(0, 0.05)
-        y_score = 1 / (1 + np.exp(-((2 * y - 1) * mu + rng.normal(0, 1, n_test)) * 1.5))
-        y_score = np.round(y_score, 6)
+        common = np.random.default_rng(n_test).normal(0, 1, n_test)
+        noise = rng.normal(0, 1, n_test) * np.sqrt(1 - shared ** 2) + shared * common
+        logit = ((2 * y - 1) * mu + noise) * 1.5 + bias
+        y_score = np.round(1 / (1 + np.exp(-logit)), 6)
         test = {**binary_metrics(y, y_score), "loss": round(0.3 + rng.normal(0, 0.01), 4)}
         metrics = {"val": test, "test": test}
+        d = decision_of(spec)
+        if d["rule"] != "argmax" or d["tta"]:  # the rule's predictions; the plain outputs kept as test_plain
+            plain = test
+            if d["tta"]:  # the mean over augmented copies: smoother than the plain outputs
+                y_score = np.round(1 / (1 + np.exp(-(logit * 0.8 + rng.normal(0, 0.3, n_test)))), 6)
+            y_pred = (y_score > d["threshold"]).astype(int)
+            test = {**binary_metrics(y, y_score, y_pred), "loss": plain["loss"]}
+            metrics = {"val": test, "test": test, "val_plain": plain, "test_plain": plain}
         predictions = {"y_true": y.tolist(), "y_score": y_score.tolist(),
-                       "y_pred": (y_score > 0.5).astype(int).tolist()}
+                       "y_pred": (y_score > d["threshold"]).astype(int).tolist()}
         best_epoch = max(1, int(epochs - rng.integers(0, 2)))
     minute = 10 + 2 * index
     n_normal = round(n_test * 0.375)
@@ -113,7 +134,7 @@ def fabricate(kw: dict, task: Task, seed: int, *, acc: float = 0.85, status: str
         "spec_hash": spec.spec_hash(),
         "identity": record.identity(spec.spec_hash(), fingerprint, training_version) if fingerprint else None,
         "data_fingerprint": fingerprint, "training_version": training_version if fingerprint else None,
-        "decision": PLAIN_DECISION if fingerprint else None,
+        "decision": decision_of(spec) if fingerprint else None,
         "status": status, "error": error, "history": history, "best_epoch": best_epoch,
         "metrics": metrics, "predictions": predictions,
         "timing": None if status == "failed" else
@@ -179,6 +200,20 @@ def diverged_suite(out: Path) -> Path:
     return write_runs(out, runs)
 
 
+TASK_RULE = Task(({"name": "rule", "decision": "argmax", "tta": 8, "augment_rotate": 8.0},
+                  {"name": "rule", "decision": "equal-prior", "tta": 8, "augment_rotate": 8.0,
+                   "class_weight": "balanced"}), ("decision",), "specs/rule.toml", "Decision rules",
+                 (("decision", ("argmax", "equal-prior")),))
+
+
+def decision_suite(out: Path) -> Path:
+    """A sweep of the decision rule, both with TTA, 3 seeds; the model leans to pneumonia (as on PneumoniaMNIST's
+    test split): argmax finds nearly every pneumonia but few normals, equal-prior (threshold 0.75) balances them."""
+    runs = [fabricate(kw, TASK_RULE, s, acc=0.85, bias=2.0, shared=0.8, index=3 * i + s)
+            for i, kw in enumerate(TASK_RULE.settings) for s in (0, 1, 2)]
+    return write_runs(out, runs)
+
+
 def golden(name: str, text: str) -> None:
     path = FIXTURES / name
     if UPDATE:
@@ -192,7 +227,8 @@ def golden(name: str, text: str) -> None:
 
 @pytest.mark.parametrize(("name", "make"), [("report-full.md", full_suite),
                                             ("report-partial.md", partial_suite),
-                                            ("report-diverged.md", diverged_suite)])
+                                            ("report-diverged.md", diverged_suite),
+                                            ("report-decision.md", decision_suite)])
 def test_golden(tmp_path, monkeypatch, name, make):
     monkeypatch.chdir(REPO)  # spec files are named relative to the current directory
     out = report.render(make(tmp_path / "results"), figures=False, specs=[REPO / "specs"])
@@ -510,15 +546,16 @@ def test_mcnemar_sentence_counts():
     assert report.mcnemar_sentence(rows[1:]).endswith("p < 0.05 for 1 of 2 seeds (seed 2).")
 
 
-def _setting(label, accs, aurocs=None, statuses=None, values=(0.0,)):
+def _setting(label, accs, aurocs=None, statuses=None, values=(0.0,), sens=(), spec=()):
     statuses = statuses or ["ok"] * len(accs)
     runs = tuple(record.RunRecord(id="x", seed=i, spec={}, spec_hash="0" * 16, status=st, environment={},
                                   history=({}, {})) for i, st in enumerate(statuses))
     ok = tuple(r for r in runs if r.ok)
     none = stats.mean_std_ci([])
     return report.Setting(values=values, label=label, runs=runs, ok=ok, accuracy=stats.mean_std_ci(accs),
-                          auroc=stats.mean_std_ci(aurocs or [0.9] * len(accs)), sensitivity=none,
-                          specificity=none, train_loss=none, train_seconds=none, images_per_second=none,
+                          auroc=stats.mean_std_ci(aurocs or [0.9] * len(accs)), sensitivity=stats.mean_std_ci(sens),
+                          specificity=stats.mean_std_ci(spec), train_loss=none, train_seconds=none,
+                          images_per_second=none,
                           best_epochs="n/a", n_diverged=statuses.count("diverged"),
                           n_failed=statuses.count("failed"))
 
@@ -528,7 +565,7 @@ def test_best_sentences():
     assert report.best_sentences([a, b]) == [
         "Highest mean test accuracy: CE, 85.00% ± 0.00 over 2 seeds.",
         "The highest mean AUROC is BCE's (0.950), not the most accurate setting's: accuracy depends on the "
-        "0.5 threshold, AUROC does not."]
+        "decision threshold, AUROC does not."]
     tie = report.best_sentences([_setting("A", [0.8]), _setting("B", [0.8])])
     assert tie == ["A and B tie for the highest mean test accuracy, 80.00%."]
     gone = _setting("lr 0.1", [], statuses=["diverged"] * 3)
@@ -650,6 +687,12 @@ def test_schema_version_1_result_is_rendered(tmp_path):
     assert "## Other comparisons" in text and "- Other: `recipe`, 1 setting, 1 run (1 ok)." in text
     assert "Missing:" not in text and "not run" not in text
     assert "source `npz:pneumoniamnist-trainval.npz?holdout=0.5`" in text and "/work/" not in text
+    # no decision recorded: read with the plain argmax; no balanced accuracy in the file: n/a, never invented
+    assert "balanced_accuracy" not in test
+    assert "\nDecision: argmax (not recorded: an older result file); no TTA.\n" in text
+    assert (f"| recipe-ce-lr0.002-bs64 | 1 ok | {report.pct(test['accuracy'])[:-1]} ± n/a | n/a | n/a | "
+            f"{report.num(test['auroc'])} ± n/a |") in text
+    assert "Argmax accuracy" not in text and "ensemble of" not in text
     assert {p.name for p in (tmp_path / "figures").iterdir()} == {"recipe-single-curves.png",
                                                                    "recipe-single-roc.png"}
 
@@ -766,3 +809,110 @@ def test_names_that_share_a_slug_get_distinct_figure_files(tmp_path):
     b = dataclasses.replace(b, spec={**b.spec, "name": "lossè"}, id="lossè-ce-lr0.001-bs32")
     slugs = [c.slug for c in report.comparisons([a, b])]
     assert len(set(slugs)) == 2 and all(s.startswith("loss-") for s in slugs)
+
+
+# ------------------------------------------------------------------- decisions (issue 15)
+
+EQUAL_PRIOR_TTA = {"name": "rule", "decision": "equal-prior", "tta": 8, "augment_rotate": 8.0,
+                   "class_weight": "balanced"}
+
+
+def _row(text: str, label: str) -> list[str]:
+    """The cells of the first table row of `label`."""
+    line = next(line for line in text.splitlines() if line.startswith(f"| {label} | "))
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_decision_line_and_training_row_of_an_equal_prior_tta_run(tmp_path):
+    runs = [fabricate(EQUAL_PRIOR_TTA, TASK_RULE, s, bias=2.0) for s in (0, 1)]
+    assert runs[0].decision == {"rule": "equal-prior", "threshold": 0.75, "prior": 0.75, "tta": 8,
+                                "augment": [0.0, 8.0, 0.0]}
+    assert set(runs[0].metrics) == {"val", "test", "val_plain", "test_plain"}
+    assert runs[0].predictions["y_pred"] == [int(p > 0.75) for p in runs[0].predictions["y_score"]]
+    text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
+    assert ("\nDecision: equal-prior (P(pneumonia) > 0.750, the train prevalence); TTA 8 draws + identity (mean "
+            "probability); class-balanced training loss (weights n / (2 n_c) from the train split).\n") in text
+    assert ("| Training | adam, schedule none, weight decay 0, augmentation rotation 8°, class-balanced loss "
+            "(n / (2 n_c)), decision equal-prior (P(pneumonia) > the train prevalence), TTA 8 draws + identity, "
+            "best epoch chosen on validation loss |") in text
+    # a plain run says so
+    plain = report.comparisons([fabricate(TASK_A.settings[0], TASK_A, 0)])[0]
+    assert plain.decisions == (("", "argmax (the course's rule); no TTA"),) and not plain.shows_argmax
+
+
+def test_settings_that_decide_differently_each_name_their_rule():
+    (c,) = report.comparisons([fabricate(kw, TASK_RULE, 0) for kw in TASK_RULE.settings])
+    assert c.decisions == (
+        ("decision argmax", "argmax (the course's rule); TTA 8 draws + identity (mean probability)"),
+        ("decision equal-prior", "equal-prior (P(pneumonia) > 0.750, the train prevalence); TTA 8 draws + identity "
+                                 "(mean probability); class-balanced training loss (weights n / (2 n_c) from the "
+                                 "train split)"))
+    assert c.shows_argmax and not any(s.plain for s in c.settings)  # argmax with TTA is not the plain argmax
+
+
+def test_argmax_and_balanced_accuracy_columns_are_the_means_of_the_runs(tmp_path):
+    text = report.render(decision_suite(tmp_path), figures=False).read_text()
+    assert ("| Setting | Runs | Test accuracy, % (mean ± std) | 95% CI, % | Argmax accuracy, % | Balanced accuracy, % "
+            "| AUROC (mean ± std) |") in text
+    runs = results.load_all(tmp_path)
+    for kw, label in zip(TASK_RULE.settings, ("decision argmax", "decision equal-prior"), strict=True):
+        mine = [r for r in runs if r.spec["decision"] == kw["decision"]]
+        assert len(mine) == 3
+        plain = [r.metrics["test_plain"]["accuracy"] for r in mine]
+        balanced = [(r.test("sensitivity") + r.test("specificity")) / 2 for r in mine]
+        assert balanced == pytest.approx([r.test("balanced_accuracy") for r in mine])
+        cells = _row(text, label)
+        assert cells[2] == report.pct_ms(stats.mean_std_ci([r.test("accuracy") for r in mine]))
+        assert cells[4] == report.pct_ms(stats.mean_std_ci(plain))
+        assert cells[5] == report.pct_ms(stats.mean_std_ci(balanced))
+    # the rule's accuracy and the argmax accuracy of the same weights differ here
+    assert _row(text, "decision equal-prior")[2] != _row(text, "decision equal-prior")[4]
+    # plain argmax everywhere: no argmax column, balanced accuracy beside accuracy
+    text = report.render(full_suite(tmp_path / "plain"), figures=False).read_text()
+    assert "Argmax accuracy" not in text
+    bce = [r for r in results.load_all(tmp_path / "plain") if r.id == "loss-bce-lr0.001-bs32"]
+    assert _row(text, "BCE")[4] == report.pct_ms(stats.mean_std_ci([r.test("balanced_accuracy") for r in bce]))
+
+
+def test_sensitivity_specificity_gap_sentence():
+    wide = _setting("BCE", [0.85, 0.86], sens=[0.97, 0.98], spec=[0.77, 0.78])  # 20 points apart
+    assert report.balance_sentences([wide]) == [
+        "BCE: sensitivity 97.5% but specificity 77.5% (20.0 points apart): the model calls pneumonia on many "
+        "normal images."]
+    mirror = _setting("CE", [0.8], sens=[0.70], spec=[0.90])
+    assert report.balance_sentences([mirror]) == [
+        "CE: specificity 90.0% but sensitivity 70.0% (20.0 points apart): the model calls many pneumonia images "
+        "normal."]
+    close = _setting("CE", [0.85], sens=[0.90], spec=[0.80])  # 10 points: nothing to say
+    assert report.balance_sentences([close]) == []
+    assert report.balance_sentences([_setting("x", [], statuses=["diverged"])]) == []  # no numbers
+    sentences = report.analysis_sentences(("loss",), [wide, close], None)
+    assert sum("points apart" in x for x in sentences) == 1
+
+
+def test_seed_ensemble_is_the_mean_probability_of_the_seeds(tmp_path):
+    from sklearn.metrics import roc_auc_score
+
+    runs = [fabricate(EQUAL_PRIOR_TTA, TASK_RULE, s, bias=2.0, shared=0.8) for s in (0, 1, 2)]
+    runs.append(fabricate(EQUAL_PRIOR_TTA, TASK_RULE, 3, status="diverged", error="non-finite"))
+    (c,) = report.comparisons(runs)
+    y = np.asarray(runs[0].predictions["y_true"])
+    score = np.mean([r.predictions["y_score"] for r in runs[:3]], axis=0)
+    accuracy = float(np.mean((score > 0.75) == y))  # the runs' threshold: the train prevalence
+    e = c.settings[0].ensemble
+    assert e["n"] == 3 and e["seeds"] == (0, 1, 2) and e["threshold"] == 0.75
+    assert e["accuracy"] == pytest.approx(accuracy) and e["auroc"] == pytest.approx(roc_auc_score(y, score))
+    assert accuracy != pytest.approx(float(np.mean((score > 0.5) == y)))  # the threshold matters here
+    text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
+    assert (f"\n- decision equal-prior: ensemble of 3 seeds (mean probability): accuracy {report.pct(accuracy)}, "
+            f"balanced accuracy {report.pct(e['balanced_accuracy'])}, AUROC {report.num(e['auroc'])}.\n") in text
+    # one finished seed, or seeds on different test images: no ensemble
+    assert report.comparisons(runs[:1] + runs[3:])[0].settings[0].ensemble is None
+    old = [fabricate(TASK_A.settings[0], TASK_A, s, n_test=n, fingerprint=None) for s, n in ((0, 60), (1, 40))]
+    (c,) = report.comparisons(old)
+    assert len(c.settings) == 1 and c.settings[0].ensemble is None
+    # records without fingerprints but with the same labels: threshold 0.5 (no decision recorded)
+    old = [fabricate(TASK_A.settings[0], TASK_A, s, fingerprint=None) for s in (0, 1)]
+    e = report.comparisons(old)[0].settings[0].ensemble
+    score = np.mean([r.predictions["y_score"] for r in old], axis=0)
+    assert e["threshold"] == 0.5 and e["accuracy"] == pytest.approx(float(np.mean((score > 0.5) == y)))

@@ -10,6 +10,8 @@ templates/report.md.j2 (Jinja2, StrictUndefined); report and figures are replace
     format     how numbers, intervals, p-values and swept values read; the Jinja filters
     prose      the analysis sentences, each built under a condition that makes it true
     model      Setting, Pair, Comparison (immutable) and how runs are grouped and tested
+    decision   each run's decision rule and TTA as a line, the argmax accuracy beside the rule's, balanced
+               accuracy, and the seed ensemble (the mean probability of a setting's seeds)
     figures    FIGURE_KINDS, the one table of figures: file suffix, alt text, draw function
     info       the "What was run" rows and the "All runs" table
     timings    pytest-benchmark JSON as tables
@@ -20,6 +22,7 @@ The report knows no course: section headings are the spec files' titles (spec.ti
 it expects is the spec file's (spec.grid).
 """
 
+from cxr.report.decision import argmax_accuracy, decision_text, ensemble, is_plain
 from cxr.report.figures import FIGURE_KINDS, FigureKind, accuracy_figure, curves_figure, roc_figure, with_figures
 from cxr.report.files import draw_atomically, load, skipped_line, write_text
 from cxr.report.format import (
@@ -62,7 +65,9 @@ from cxr.report.model import (
 )
 from cxr.report.prose import (
     ALPHA,
+    GAP,
     analysis_sentences,
+    balance_sentences,
     baseline_sentences,
     best_sentences,
     grid_text,
@@ -89,6 +94,9 @@ __all__ = [
     # sentences
     "ALPHA", "pair_sentence", "mcnemar_sentence", "best_sentences", "trend_sentence", "baseline_sentences",
     "status_sentences", "missing_sentences", "analysis_sentences", "grid_text", "variant_sentences",
+    "GAP", "balance_sentences",
+    # decisions
+    "decision_text", "is_plain", "argmax_accuracy", "ensemble",
     # figures
     "FigureKind", "FIGURE_KINDS", "with_figures", "curves_figure", "roc_figure", "accuracy_figure",
     # what was run, timings

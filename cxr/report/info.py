@@ -9,13 +9,13 @@ from cxr.report.format import duration, plural, short_source
 from cxr.report.model import Comparison
 
 
-def _distinct(values) -> str:
+def _distinct(values, sep: str = ", ") -> str:
     seen = []
     for v in values:
         v = "n/a" if v is None else str(v)
         if v not in seen:
             seen.append(v)
-    return ", ".join(seen) if seen else "n/a"
+    return sep.join(seen) if seen else "n/a"
 
 
 def _time(s: str | None) -> dt.datetime | None:
@@ -37,6 +37,13 @@ def _training(s: dict) -> str:
         parts.append("augmentation " + ", ".join(augment))
     if s.get("ema"):
         parts.append(f"weight EMA {s['ema']:g}")
+    if s.get("class_weight") == "balanced":
+        parts.append("class-balanced loss (n / (2 n_c))")
+    if s.get("decision", "argmax") != "argmax":
+        parts.append(f"decision {s['decision']}" + (" (P(pneumonia) > the train prevalence)"
+                                                   if s["decision"] == "equal-prior" else ""))
+    if s.get("tta"):
+        parts.append(f"TTA {s['tta']} draws + identity")
     return ", ".join(parts) + f", best epoch chosen on validation {s['select']}"
 
 
@@ -67,7 +74,7 @@ def run_info(results: list[RunRecord]) -> dict:
     rows = [
         ("Model", _distinct(f"{s['model']} (width {s['width']})" for s in specs)),
         ("Image size", _distinct(f"{s['image_size']} × {s['image_size']} px" for s in specs)),
-        ("Training", _distinct(_training(s) for s in specs)),
+        ("Training", _distinct((_training(s) for s in specs), "; ")),  # a recipe line holds commas
         ("Epochs", _distinct(sorted({s["epochs"] for s in specs}))),
         ("Seeds", ", ".join(map(str, sorted({r.seed for r in results}))) or "n/a"),
         ("Device", _distinct(f"{e.get('device')} ({e.get('device_name')})" for e in env)),

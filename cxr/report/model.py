@@ -27,6 +27,7 @@ from cxr import spec as spec_mod
 from cxr import stats
 from cxr.errors import CxrError
 from cxr.record import DIVERGED, FAILED, OK, RunRecord
+from cxr.report import decision as decision_mod
 from cxr.report.format import key_name, plural, setting_label, short_source, value_text
 from cxr.report.prose import analysis_sentences, mcnemar_sentence, missing_sentences, pair_sentence
 
@@ -73,10 +74,16 @@ class Setting:
     n_diverged: int
     n_failed: int
     note: str = ""  # how it differs from the other settings of its swept value, e.g. "epochs 1"; "" if none
+    balanced_accuracy: dict = dataclasses.field(default_factory=lambda: stats.mean_std_ci([]))  # n/a in v1 files
+    argmax_accuracy: dict = dataclasses.field(default_factory=lambda: stats.mean_std_ci([]))  # plain argmax, no TTA
+    decision: str = ""  # cxr.report.decision.decision_text of its runs, e.g. "argmax (the course's rule); no TTA"
+    plain: bool = True  # every run decided by the plain argmax without TTA: accuracy is the argmax accuracy
+    ensemble: dict | None = None  # cxr.report.decision.ensemble: the seeds' mean probability, 2+ finished seeds
 
     def __post_init__(self):
         _freeze(self, ("accuracy", "auroc", "sensitivity", "specificity", "train_loss", "train_seconds",
-                       "images_per_second"), ("values", "runs", "ok"))
+                       "images_per_second", "balanced_accuracy", "argmax_accuracy", "ensemble"),
+                ("values", "runs", "ok"))
 
     @property
     def seeds(self) -> tuple[int, ...]:
@@ -126,10 +133,17 @@ class Comparison:
     missing: tuple[str, ...]  # sentences: settings or seeds not run
     sentences: tuple[str, ...]  # analysis
     figures: tuple[Figure, ...] = ()  # drawn by cxr.report.figures.with_figures, which returns a new one
+    decisions: tuple[tuple[str, str], ...] = ()  # (("", text),) when every setting decided alike, else (label, text)
 
     def __post_init__(self):
         _freeze(self, ("test_set",), ("sweep", "settings", "pairs", "not_ok", "missing", "sentences", "figures"))
         object.__setattr__(self, "grid", tuple((k, tuple(v)) for k, v in self.grid))
+        object.__setattr__(self, "decisions", tuple((label, text) for label, text in self.decisions))
+
+    @property
+    def shows_argmax(self) -> bool:
+        """Whether a setting decided otherwise than the plain argmax: the table then shows the argmax accuracy."""
+        return not all(s.plain for s in self.settings)
 
     @property
     def n_runs(self) -> int:
@@ -162,6 +176,8 @@ def _setting(sweep: tuple, values: tuple, runs: list[RunRecord], note: str = "")
         best_epochs=best_epochs,
         n_diverged=sum(r.status == DIVERGED for r in runs),
         n_failed=sum(r.status == FAILED for r in runs),
+        **decision_mod.summaries(ok), decision=decision_mod.setting_decision(runs),
+        plain=all(decision_mod.is_plain(r) for r in runs), ensemble=decision_mod.ensemble(ok),
     )
 
 
@@ -331,6 +347,7 @@ def comparison(runs: list[RunRecord]) -> Comparison:
         not_ok=tuple(r for s in settings for r in s.runs if r.status != OK),
         missing=tuple(missing_sentences(sweep, dict(grid), settings)),
         sentences=tuple(_caveats(why if y_true is None else "") + analysis_sentences(sweep, settings, test_set)),
+        decisions=decision_mod.comparison_decisions(settings),
     )
 
 

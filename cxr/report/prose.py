@@ -85,7 +85,7 @@ def best_sentences(settings) -> list[str]:
         best_auc = [s for s in scored if s.auroc["mean"] == top_auc]
         if len(best_auc) == 1 and best_auc[0] not in best:
             out.append(f"The highest mean AUROC is {best_auc[0].label}'s ({num(top_auc)}), not the most "
-                       f"accurate setting's: accuracy depends on the 0.5 threshold, AUROC does not.")
+                       f"accurate setting's: accuracy depends on the decision threshold, AUROC does not.")
     return out
 
 
@@ -117,6 +117,26 @@ def baseline_sentences(settings, test_set) -> list[str]:
     return [f"{s.label}: mean test accuracy {pct(s.accuracy['mean'])} is no better than always predicting "
             f"{which} ({pct(majority)})." for s in settings
             if s.accuracy["mean"] is not None and s.accuracy["mean"] <= majority]
+
+
+GAP = 0.15  # sensitivity and specificity further apart than this (15 points) get a sentence
+
+
+def balance_sentences(settings) -> list[str]:
+    """Settings whose mean sensitivity and specificity are more than GAP apart: what a clinician reads first."""
+    out = []
+    for s in settings:
+        sens, spec = s.sensitivity["mean"], s.specificity["mean"]
+        if sens is None or spec is None or abs(sens - spec) <= GAP:
+            continue
+        apart = abs(round(100 * sens, 1) - round(100 * spec, 1))  # as the two shown numbers differ
+        if sens > spec:
+            out.append(f"{s.label}: sensitivity {pct(sens, 1)} but specificity {pct(spec, 1)} ({apart:.1f} points "
+                       f"apart): the model calls pneumonia on many normal images.")
+        else:
+            out.append(f"{s.label}: specificity {pct(spec, 1)} but sensitivity {pct(sens, 1)} ({apart:.1f} points "
+                       f"apart): the model calls many pneumonia images normal.")
+    return out
 
 
 def status_sentences(setting) -> list[str]:
@@ -162,6 +182,7 @@ def analysis_sentences(sweep: tuple, settings, test_set) -> list[str]:
     if len(sweep) == 1:
         sentences += trend_sentence(sweep[0], settings)
     sentences += baseline_sentences(settings, test_set)
+    sentences += balance_sentences(settings)
     n_ok = [len(s.ok) for s in settings if s.ok]
     if n_ok and max(n_ok) == 1:
         sentences.append("Each setting has at most one finished run: a standard deviation and a 95% interval "
