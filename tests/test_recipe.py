@@ -23,6 +23,7 @@ def test_recipe_loads_with_three_seeds_and_the_documented_settings():
         "pneumoniamnist", 28, "vgg", "ce", "adamw", "onecycle", "auroc")
     assert s.weight_decay > 0 and s.label_smoothing > 0 and 0 < s.ema < 1
     assert s.augment_shift > 0 and s.augment_rotate > 0 and s.augment_scale > 0
+    assert (s.decision, s.tta, s.class_weight) == ("equal-prior", 15, "none")  # fixed rules, see the file
 
 
 def test_recipe_is_not_part_of_the_default_suite():
