@@ -4,35 +4,105 @@
 #   CXR_OUT    output directory (default /out): runs/, benchmark.json, report.md, figures/
 #   CXR_DATA   data source (default: pneumoniamnist when $CXR_DATA_DIR/pneumoniamnist.npz exists,
 #              as in an image built with FETCH_PNEUMONIAMNIST=1; synthetic otherwise)
-#   CXR_QUICK  1 = quick mode: --epochs 1 --seeds 1
+#   CXR_QUICK  quick mode (--epochs 1 --seeds 1) when 1, true, yes or on; off when 0, false, no, off
+#              or empty (any case); anything else is refused
 #   arguments  passed to pytest, after the ones above (so they win): -k ce, --device cpu, ...
+#              --out DIR, --benchmark-json FILE and --data SOURCE are taken by the entrypoint itself
+#              (they override CXR_OUT, $CXR_OUT/benchmark.json and CXR_DATA), so that the report
+#              renders the directory that pytest wrote; --specs PATH goes to both pytest and the report.
 #
 # Exits with pytest's status (the report is still written when some cases failed), or with the
-# report's status when pytest passed and the report did not.
+# report's status when pytest passed and the report did not; 2 on a bad setting.
+# SIGTERM (docker stop) or SIGINT (Ctrl-C): pytest is stopped, the report of the runs that finished is
+# rendered, and the exit status is 143 or 130. In the image this script runs under tini (PID 1), which
+# passes the signals on: a shell that is PID 1 would ignore SIGTERM while it waits for pytest.
 set -euo pipefail
 
 project_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 
+fail() {
+    echo "entrypoint: $*" >&2
+    exit 2
+}
+
+absolute() {  # a path relative to the caller's directory, made absolute (it may not exist yet)
+    case "$1" in
+        /*) printf '%s\n' "$1" ;;
+        *) printf '%s\n' "$PWD/$1" ;;
+    esac
+}
+
+# SIGTERM/SIGINT are taken from here on: pytest runs in the background so that this shell can take
+# them while it runs, and stop() ends it with SIGTERM (at once: SIGINT would let pytest end its session,
+# but pytest-benchmark then fails to write its JSON over the interrupted case, after a long traceback).
+# Each finished run is already stored, atomically, so the report below has every run that finished.
+stop_status=0
+pytest_pid=""
+# shellcheck disable=SC2329  # called by the traps below
+stop() {  # $1: the signal received, $2: the exit status it means
+    stop_status="$2"
+    echo "entrypoint: SIG$1 received: stopping pytest; the runs that finished are kept and reported" >&2
+    if [ -n "$pytest_pid" ]; then
+        kill -TERM "$pytest_pid" 2>/dev/null || true
+    fi
+}
+trap 'stop TERM 143' TERM
+trap 'stop INT 130' INT
+
 out="${CXR_OUT:-/out}"
-if ! mkdir -p "$out" || [ ! -w "$out" ]; then
+data="${CXR_DATA:-}"
+bench_json=""
+specs=()
+pytest_args=()
+while [ "$#" -gt 0 ]; do
+    arg="$1"
+    shift
+    case "$arg" in
+        --out|--benchmark-json|--data|--specs)
+            [ "$#" -gt 0 ] || fail "$arg needs a value"
+            value="$1"
+            shift
+            ;;
+        --out=*|--benchmark-json=*|--data=*|--specs=*)
+            value="${arg#*=}"
+            arg="${arg%%=*}"
+            ;;
+        *)
+            pytest_args+=("$arg")
+            continue
+            ;;
+    esac
+    [ -n "$value" ] || fail "$arg needs a value"
+    case "$arg" in
+        --out) out="$value" ;;
+        --benchmark-json) bench_json="$(absolute "$value")" ;;
+        --data) data="$value" ;;
+        --specs) specs+=("$(absolute "$value")") ;;
+    esac
+done
+
+quick_setting="${CXR_QUICK:-}"
+case "${quick_setting,,}" in
+    1|true|yes|on) quick=(--epochs 1 --seeds 1) ;;
+    0|false|no|off|"") quick=() ;;
+    *) fail "CXR_QUICK=$quick_setting: use 1, true, yes or on for quick mode; 0, false, no, off or unset for the full suite" ;;
+esac
+
+if ! mkdir -p -- "$out" || [ ! -w "$out" ] || [ ! -d "$out" ]; then
     echo "entrypoint: cannot write to output directory $out (as uid $(id -u)); mount a writable" \
         "directory, e.g. mkdir -p out && docker run --user \"\$(id -u):\$(id -g)\" -v \"\$PWD/out:/out\" ..." >&2
     exit 2
 fi
-out="$(cd "$out" && pwd)"  # absolute: pytest and the report run from the project directory
+out="$(cd -- "$out" && pwd)"  # absolute: pytest and the report run from the project directory
+bench_json="${bench_json:-$out/benchmark.json}"
 
 data_file="${CXR_DATA_DIR:-$HOME/.cache/cxr}/pneumoniamnist.npz"
-if [ -n "${CXR_DATA:-}" ]; then
-    data="$CXR_DATA"
-elif [ -f "$data_file" ]; then
-    data=pneumoniamnist
-else
-    data=synthetic
-fi
-
-quick=()
-if [ "${CXR_QUICK:-0}" = 1 ]; then
-    quick=(--epochs 1 --seeds 1)
+if [ -z "$data" ]; then
+    if [ -f "$data_file" ]; then
+        data=pneumoniamnist
+    else
+        data=synthetic
+    fi
 fi
 
 device="$(python3 -c 'import torch; print(f"GPU: {torch.cuda.get_device_name(0)}" if torch.cuda.is_available()
@@ -43,22 +113,42 @@ if command -v nvidia-smi >/dev/null 2>&1; then
 fi
 echo "entrypoint: data $data, output $out${quick[*]:+, quick mode (${quick[*]})}"
 
-cd "$project_dir"
-pytest_status=0
-pytest benchmarks -p no:cacheprovider --out "$out" --data "$data" \
-    --benchmark-json "$out/benchmark.json" "${quick[@]}" "$@" || pytest_status=$?
+spec_args=()
+for s in ${specs[@]+"${specs[@]}"}; do
+    spec_args+=(--specs "$s")
+done
 
-bench_json=()
-if [ -f "$out/benchmark.json" ]; then
-    bench_json=(--benchmark-json "$out/benchmark.json")
+cd "$project_dir"
+
+pytest_status=0
+if [ "$stop_status" -eq 0 ]; then
+    pytest benchmarks -p no:cacheprovider "--out=$out" "--data=$data" "--benchmark-json=$bench_json" \
+        ${quick[@]+"${quick[@]}"} ${spec_args[@]+"${spec_args[@]}"} ${pytest_args[@]+"${pytest_args[@]}"} &
+    pytest_pid=$!
+    while :; do
+        wait "$pytest_pid" && pytest_status=0 || pytest_status=$?
+        kill -0 "$pytest_pid" 2>/dev/null || break  # wait was cut short by a signal: pytest still runs
+    done
+    wait "$pytest_pid" && pytest_status=0 || pytest_status=$?  # its own status, kept by the shell
+fi
+trap - TERM INT
+
+report_args=()
+if [ "$stop_status" -eq 0 ] && [ -f "$bench_json" ]; then  # a stopped pytest writes none: any is older
+    report_args=(--benchmark-json "$bench_json")
 fi
 report_status=0
-cxr-bench report "$out" --out "$out/report.md" "${bench_json[@]}" || report_status=$?
+cxr-bench report "$out" --out "$out/report.md" ${report_args[@]+"${report_args[@]}"} \
+    ${spec_args[@]+"${spec_args[@]}"} || report_status=$?
 
-if [ -f "$out/report.md" ]; then
+if [ "$report_status" -eq 0 ] && [ -f "$out/report.md" ]; then
     echo "entrypoint: report written to $out/report.md (ran on $device)"
 else
     echo "entrypoint: no report written (cxr-bench report exited $report_status; ran on $device)" >&2
+fi
+if [ "$stop_status" -ne 0 ]; then
+    echo "entrypoint: stopped by a signal (pytest exited $pytest_status)" >&2
+    exit "$stop_status"
 fi
 if [ "$pytest_status" -ne 0 ]; then
     echo "entrypoint: pytest exited $pytest_status" >&2
