@@ -916,3 +916,10 @@ def test_seed_ensemble_is_the_mean_probability_of_the_seeds(tmp_path):
     e = report.comparisons(old)[0].settings[0].ensemble
     score = np.mean([r.predictions["y_score"] for r in old], axis=0)
     assert e["threshold"] == 0.5 and e["accuracy"] == pytest.approx(float(np.mean((score > 0.5) == y)))
+
+
+def test_a_single_setting_with_finished_runs_is_not_called_unfinished(tmp_path):
+    runs = [fabricate({"name": "solo"}, TASK_A, s) for s in (0, 1)]  # then made a file without a grid:
+    runs = [dataclasses.replace(r, spec={**r.spec, "sweep": [], "grid": {}}) for r in runs]
+    text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
+    assert "One setting only: nothing to compare it with" in text and "no setting has a finished run" not in text
