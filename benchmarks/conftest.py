@@ -19,7 +19,7 @@ markers, and "ce" is inside "bce": plain pytest runs the BCE cases for `-k ce`. 
 trains with that loss (it carries the marker of that name; the throughput cases carry none).
 Every other word keeps pytest's meaning, and the grammar (and, or, not, parentheses) is pytest's
 own. So `-k ce`, `-k bce`, `-k lr0.1`, `-k bs128`, `-k "ce and not lr0.1"` select the runs that
-`cxr-bench run -k` selects (cxr.spec.matches), and `-k throughput` the throughput cases; nor can
+`cxr-bench run -k` selects (cxr.selection.matches), and `-k throughput` the throughput cases; nor can
 another name on a case's chain that happens to hold "ce" (a folder named science, a spec named
 trace) pull cases in, since a loss word is never matched as a substring there. How: a
 tryfirst pytest_collection_modifyitems parses -k with cxr.keyword (pytest's grammar; the one
@@ -51,7 +51,7 @@ import torch
 from _pytest.mark import KeywordMatcher  # pytest's -k matcher: used as is, only the loss words differ
 
 from cxr import data as data_mod
-from cxr import keyword, results
+from cxr import keyword, results, selection
 from cxr import spec as spec_mod
 from cxr.env import DEVICES, resolve_device
 from cxr.errors import CxrError
@@ -98,7 +98,7 @@ def _settings(config: pytest.Config) -> Settings:
     paths = tuple(here / p for p in config.getoption("specs") or [REPO / "specs"])
     seeds, images = config.getoption("seeds"), config.getoption("throughput_images")
     try:
-        specs = spec_mod.select(list(paths), seeds=seeds, dataset=config.getoption("data"),
+        specs = selection.select(list(paths), seeds=seeds, dataset=config.getoption("data"),
                                 epochs=config.getoption("epochs"))  # -k: pytest's option, applied below
         device = resolve_device(config.getoption("device"))
     except CxrError as e:
@@ -183,7 +183,7 @@ def _matcher(item: pytest.Item):
     ours = item.path.is_relative_to(BENCHMARKS)
 
     def match(word: str, /, **kwargs) -> bool:
-        loss = spec_mod.loss_word(word) if ours and not kwargs else None
+        loss = selection.loss_word(word) if ours and not kwargs else None
         if loss:
             return item.get_closest_marker(loss) is not None
         return names(word, **kwargs)

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from cxr import data, losses
+from cxr import data, losses, selection
 from cxr import spec as spec_mod
 from cxr.env import DEVICES
 from cxr.errors import CxrError
@@ -22,7 +22,7 @@ USER_ERROR = 2
 
 
 def _specs(args) -> list[spec_mod.ExperimentSpec]:
-    return spec_mod.select(args.paths or ["specs"], seeds=args.seeds, dataset=args.data, epochs=args.epochs,
+    return selection.select(args.paths or ["specs"], seeds=args.seeds, dataset=args.data, epochs=args.epochs,
                            keyword_expr=args.k)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr import losses, models, spec, train
+from cxr import losses, models, selection, spec, train
 from cxr.evaluate import evaluate_weights
 from cxr.spec import ExperimentSpec
 
@@ -82,7 +82,7 @@ def test_focal_gamma_is_a_spec_option_and_stays_out_of_other_hashes():
 
 def test_k_focal_selects_the_focal_runs_and_ce_does_not():
     runs = spec.parse('[experiment]\nname = "l"\n[grid]\nloss = ["bce", "ce", "focal"]\n', "l.toml")
-    pick = {expr: [r.loss for r in runs if spec.matches(r, expr)] for expr in ("focal", "ce", "bce", "not focal")}
+    pick = {expr: [r.loss for r in runs if selection.matches(r, expr)] for expr in ("focal", "ce", "bce", "not focal")}
     assert pick == {"focal": ["focal"], "ce": ["ce"], "bce": ["bce"], "not focal": ["bce", "ce"]}
 
 

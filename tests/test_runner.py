@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import benchmarks.conftest  # noqa: F401  (loaded once here: pytester's in-process runs must not re-import numpy)
+from cxr import selection
 from cxr import spec as spec_mod
 
 pytest_plugins = ["pytester"]
@@ -105,7 +106,7 @@ def test_k_selects_what_the_user_means(pytester, spec_dir, expr, expected):
     ids, throughput, deselect_calls = collect(pytester, spec_dir, "-k", expr)
     assert ids == [f"{i}-seed0" for i in expected]
     # the same runs as `cxr-bench run -k` (cxr.spec.matches), in the same order
-    assert ids == [s.run_id for s in spec_mod.load([spec_dir]) if spec_mod.matches(s, expr)]
+    assert ids == [s.run_id for s in spec_mod.load([spec_dir]) if selection.matches(s, expr)]
     # the throughput cases train with no loss of their own: a loss word never selects them
     assert throughput == (3 if expr.startswith("not") else 0)
     # deselected once, by the runner's hook, and reported: 6 experiment + 3 throughput cases in all

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cxr import models, spec
+from cxr import models, selection, spec
 from cxr.spec import SpecError
 
 SPECS = Path(__file__).resolve().parents[1] / "specs"
@@ -120,14 +120,14 @@ def test_k_selection_treats_loss_names_exactly(expr, expected):
     specs = spec.parse(BASE.replace('seeds = [0, 1]', 'seeds = [0]') + "[grid]\nlr = [0.001, 0.1]\n", "a.toml")
     specs += spec.parse(BASE.replace('name = "lr"', 'name = "loss"').replace('seeds = [0, 1]', 'seeds = [0]')
                         + "[grid]\nloss = ['bce', 'ce']\n", "b.toml")
-    assert {s.id for s in specs if spec.matches(s, expr)} == expected
+    assert {s.id for s in specs if selection.matches(s, expr)} == expected
 
 
 def test_k_selection_rejects_garbage():
     with pytest.raises(SpecError):
-        spec.matches(spec.ExperimentSpec(), "ce and and")
+        selection.matches(spec.ExperimentSpec(), "ce and and")
     with pytest.raises(SpecError):
-        spec.matches(spec.ExperimentSpec(), "ce; import os")
+        selection.matches(spec.ExperimentSpec(), "ce; import os")
 
 
 def test_overrides_are_validated_and_seeds_resized():
