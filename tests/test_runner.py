@@ -12,13 +12,13 @@ import re
 import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
 import benchmarks.conftest  # noqa: F401  (loaded once here: pytester's in-process runs must not re-import numpy)
 from cxr import selection
 from cxr import spec as spec_mod
+from tests.conftest import learnable_npz
 
 pytest_plugins = ["pytester"]
 
@@ -48,16 +48,7 @@ TASKS = {
 
 def write_npz(path: Path, seed: int = 0) -> Path:
     """A MedMNIST-format npz (train 128, val 32, test 48 images, 28 px): brighter squares = pneumonia."""
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in (("train", 128), ("val", 32), ("test", 48)):
-        y = np.arange(n) % 2
-        x = rng.integers(0, 120, size=(n, 28, 28))
-        x[:, 8:20, 8:20] += 100 * y[:, None, None]
-        arrays[f"{split}_images"] = x.astype(np.uint8)
-        arrays[f"{split}_labels"] = y[:, None].astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
+    return learnable_npz(path, seed)
 
 
 def write_specs(folder: Path, dataset: str, tasks: dict) -> Path:

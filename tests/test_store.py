@@ -13,7 +13,6 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
@@ -22,7 +21,7 @@ from hypothesis import strategies as st
 from cxr import cli, data, record, results, train
 from cxr.data import Dataset
 from cxr.spec import ExperimentSpec
-from tests.conftest import make_split
+from tests.conftest import learnable_npz, make_split
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ExperimentSpec(name="s", epochs=2, batch_size=32, width=4)
@@ -78,15 +77,7 @@ def test_2_a_quick_run_does_not_overwrite_a_full_one(tmp_path, capsys, monkeypat
 
 
 def _npz(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    arrays = {}
-    for split, n in (("train", 96), ("val", 32), ("test", 32)):
-        y = np.arange(n) % 2
-        x = rng.integers(0, 120, size=(n, 28, 28))
-        x[:, 8:20, 8:20] += 100 * y[:, None, None]
-        arrays[f"{split}_images"], arrays[f"{split}_labels"] = x.astype(np.uint8), y[:, None].astype(np.uint8)
-    np.savez(path, **arrays)
-    return path
+    return learnable_npz(path, seed, (("train", 96), ("val", 32), ("test", 32)))
 
 
 def test_3_changed_data_behind_the_same_source_is_not_served(tmp_path, capsys, monkeypatch):
