@@ -38,6 +38,8 @@ def cmd_run(args) -> int:
     from cxr.env import resolve_device
 
     specs = _specs(args)
+    if args.shard:
+        specs = selection.shard(specs, *selection.parse_shard(args.shard))
     if not specs:
         print("cxr-bench run: no experiments selected", file=sys.stderr)
         return USER_ERROR
@@ -135,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="results", help="results directory (default: results)")
     sp.add_argument("--device", default="auto", choices=DEVICES)
     sp.add_argument("--rerun", action="store_true", help="train again even if a result is stored")
+    sp.add_argument("--shard", metavar="I/N", help="run only the I-th of N deterministic slices (0 <= I < N) of the "
+                                                  "selected runs, e.g. $SLURM_ARRAY_TASK_ID/4, into a shared --out")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("specs", help="list the expanded experiment runs")

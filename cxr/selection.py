@@ -47,3 +47,29 @@ def matches(spec: ExperimentSpec, expr: str) -> bool:
         return spec.loss == loss if loss else word.lower() in haystack
 
     return evaluate(word_matches)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """`I/N` (0 <= I < N, as Slurm array and Kubernetes JOB_COMPLETION_INDEX count) -> (I, N)."""
+    index, sep, count = text.partition("/")
+    try:
+        i, n = int(index), int(count)
+    except ValueError:
+        i = n = -1
+    if not sep or n < 1 or not 0 <= i < n:
+        raise SpecError(f"<command line>: --shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
+    return i, n
+
+
+def shard(specs: list[ExperimentSpec], index: int, count: int) -> list[ExperimentSpec]:
+    """The index-th of count deterministic slices of the runs, for job arrays writing to one store.
+
+    Runs of the identical recipe (the same spec hash under several ids, e.g. Task A's CE run and Task
+    B's lr 0.001 run) fall in the same slice, so that one job trains it and the others' ids reuse it
+    instead of two jobs training it twice; recipes are dealt round-robin in their order. Every run is
+    in exactly one slice, and the slices of one selection are the same on every machine.
+    """
+    order: dict[str, int] = {}
+    for s in specs:
+        order.setdefault(s.spec_hash(), len(order))
+    return [s for s in specs if order[s.spec_hash()] % count == index]
