@@ -176,11 +176,7 @@ def _images(array: np.ndarray, where: str) -> torch.Tensor:
         elif array.dtype.kind == "u" and array.dtype.itemsize == 2:  # uint16 in either byte order
             x = array.astype(np.float32) / 65535
         elif np.issubdtype(array.dtype, np.floating):
-            x = array.astype(np.float32)
-            if not np.isfinite(x).all():
-                raise DataError(f"{where}: images contain NaN or infinite values")
-            if x.min() < 0 or x.max() > 1:
-                raise DataError(f"{where}: float images must lie in [0, 1], found [{x.min():.4g}, {x.max():.4g}]")
+            x = _unit_floats(array, where, "float images", plural=True)
         else:
             raise DataError(f"{where}: images have dtype {array.dtype}; expected uint8 (0..255), uint16 "
                             "(0..65535) or float in [0, 1]")
@@ -302,15 +298,21 @@ def _eight_bit(image: Image.Image, size: int | None) -> np.ndarray:
     return np.asarray(image).astype(np.float32) / 255
 
 
+def _unit_floats(values: np.ndarray, where: str, noun: str, plural: bool) -> np.ndarray:
+    """values as float32, checked finite and in [0, 1]: float images are taken as already scaled."""
+    x = values.astype(np.float32)
+    if not np.isfinite(x).all():
+        raise DataError(f"{where}: {noun} {'contain' if plural else 'contains'} NaN or infinite values")
+    if x.min() < 0 or x.max() > 1:
+        raise DataError(f"{where}: {noun} must lie in [0, 1], found [{x.min():.4g}, {x.max():.4g}]")
+    return x
+
+
 def _wide(image: Image.Image, path: Path, size: int | None) -> np.ndarray:
     """A 16-bit, 32-bit integer or float image scaled to [0, 1] as float32, then resized by `_resize`."""
     pixels = np.asarray(image)
     if image.mode == "F":
-        x = pixels.astype(np.float32)
-        if not np.isfinite(x).all():
-            raise DataError(f"{path}: float image (mode F) contains NaN or infinite values")
-        if x.min() < 0 or x.max() > 1:
-            raise DataError(f"{path}: float image (mode F) must lie in [0, 1], found [{x.min():.4g}, {x.max():.4g}]")
+        x = _unit_floats(pixels, str(path), "float image (mode F)", plural=False)
     else:
         low, high = int(pixels.min()), int(pixels.max())
         if low < 0 or high > 65535:
