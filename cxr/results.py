@@ -163,11 +163,14 @@ def find(out: str | Path, spec: ExperimentSpec, identity: str | None = None) -> 
     """The stored result of this exact run, or None: same id and seed, not failed, and the same identity
     (or, without `identity`, the same spec hash: what a caller that has not loaded the data can check)."""
     rec = stored(out, spec)
-    if rec is None or rec.status == FAILED:
-        return None
     if identity is not None:
-        return rec if rec.identity == identity else None
-    return rec if rec.spec_hash == spec.spec_hash() else None
+        return rec if serves(rec, identity) else None
+    return rec if rec is not None and rec.status != FAILED and rec.spec_hash == spec.spec_hash() else None
+
+
+def serves(rec: RunRecord | None, identity: str) -> bool:
+    """Whether a stored record is the result of a run of this identity (a failed one never is)."""
+    return rec is not None and rec.status != FAILED and rec.identity == identity
 
 
 def result_files(out: str | Path) -> list[Path]:

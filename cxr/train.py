@@ -226,14 +226,15 @@ def identity(spec: ExperimentSpec, data: data_mod.Dataset) -> str:
     return record.identity(spec.spec_hash(), data.fingerprint, TRAINING_VERSION)
 
 
-def conflict(out: str | Path, spec: ExperimentSpec, ident: str) -> str | None:
-    """Why the result stored for this run id cannot be served nor silently replaced, or None.
+def conflict(out: str | Path, spec: ExperimentSpec, ident: str, old: RunRecord | None = None) -> str | None:
+    """Why the result stored for this run id (`old`, read from the store when not given) cannot be served
+    nor silently replaced, or None.
 
     A stored result of another recipe, data or training version conflicts; a failed one, one of the same
     identity, and one written by schema version 1 with the same recipe (no data fingerprint to compare;
     it is trained again and replaced when the new run is ok) do not.
     """
-    old = results.stored(out, spec)
+    old = old if old is not None else results.stored(out, spec)
     if old is None or old.status == record.FAILED or old.identity == ident:
         return None
     if old.identity is None and old.spec_hash == spec.spec_hash():
@@ -283,10 +284,11 @@ def run(spec: ExperimentSpec, out: str | Path = "results", device: str = "auto",
 
 
 def _serve(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | None:
-    why = conflict(out, spec, ident)
+    old = results.stored(out, spec)  # read once: what conflicts is also what would be served
+    why = conflict(out, spec, ident, old)
     if why:
         raise results.StoreConflict(why)
-    found = results.find(out, spec, ident) or _reuse_same_recipe(out, spec, ident)
+    found = old if results.serves(old, ident) else _reuse_same_recipe(out, spec, ident)
     return dataclasses.replace(found, cached=True) if found is not None else None
 
 
@@ -337,7 +339,7 @@ def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec, ident: str) -> Run
             other = results.read(path)
         except results.ResultError:
             continue
-        if other.identity != ident or other.status == record.FAILED or other.id == spec.id:
+        if not results.serves(other, ident) or other.id == spec.id:
             continue
         rec = dataclasses.replace(other, id=spec.id, spec=spec.to_dict(), reused_from=other.id, weights=None)
         if other.weights:
