@@ -33,7 +33,7 @@ def cmd_specs(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from cxr import results, train
+    from cxr import fused, results, train
     from cxr.data import load
     from cxr.env import resolve_device
 
@@ -51,26 +51,32 @@ def cmd_run(args) -> int:
         if conflicts:
             more = f" (and {len(conflicts) - 1} more run{'s' * (len(conflicts) > 2)})" if len(conflicts) > 1 else ""
             raise results.StoreConflict(conflicts[0] + more)
-    print(f"{len(specs)} runs -> {args.out}/runs on {device}", flush=True)
-    t0, failed, busy = time.perf_counter(), 0, 0
-    for i, s in enumerate(specs, 1):
-        try:
-            r = train.run(s, args.out, args.device, rerun=args.rerun)
-        except results.Claimed as e:  # another process trains it: its result lands in the same store
-            busy += 1
-            print(f"[{i}/{len(specs)}] {s.run_id:<36} {'busy':<8}  ({e})", flush=True)
-            continue
-        failed += r.status == "failed"
-        where = ("reused" if r.reused_from else "stored") if r.cached \
-            else f"{r.timing_of('train_seconds') or 0:.1f}s"
-        line = f"[{i}/{len(specs)}] {s.run_id:<36} {r.status:<8} {where:>8}"
-        if r.test("accuracy") is not None:
-            auroc = r.test("auroc")
-            line += (f"  test acc {pct(r.test('accuracy'))}  AUROC {'n/a' if auroc is None else format(auroc, '.4f')}"
-                     f"  best epoch {r.best_epoch}")
-        if r.error:
-            line += f"  ({r.error})"
-        print(line, flush=True)
+    units = fused.groups(specs, fuse=not args.no_fuse)
+    grouped = [u for u in units if len(u) > 1]
+    how = (f"; {sum(map(len, grouped))} of them in {len(grouped)} fused group{'s' * (len(grouped) > 1)}"
+           if grouped else "")
+    print(f"{len(specs)} runs -> {args.out}/runs on {device}{how}", flush=True)
+    t0, failed, busy, i = time.perf_counter(), 0, 0, 0
+    for unit in units:
+        for s, r in zip(unit, train.run_group(unit, args.out, args.device, rerun=args.rerun), strict=True):
+            i += 1
+            if isinstance(r, results.Claimed):  # another process trains it: its result lands in the same store
+                busy += 1
+                print(f"[{i}/{len(specs)}] {s.run_id:<36} {'busy':<8}  ({r})", flush=True)
+                continue
+            failed += r.status == "failed"
+            where = ("reused" if r.reused_from else "stored") if r.cached \
+                else f"{r.timing_of('train_seconds') or 0:.1f}s"
+            line = f"[{i}/{len(specs)}] {s.run_id:<36} {r.status:<8} {where:>8}"
+            if r.test("accuracy") is not None:
+                auroc = r.test("auroc")
+                line += (f"  test acc {pct(r.test('accuracy'))}  AUROC "
+                         f"{'n/a' if auroc is None else format(auroc, '.4f')}  best epoch {r.best_epoch}")
+            if not r.cached and r.timing_of("fused_with"):
+                line += f"  (fused with {len(r.timing_of('fused_with'))} other runs)"
+            if r.error:
+                line += f"  ({r.error})"
+            print(line, flush=True)
     others = f"; {busy} being trained by another process" if busy else ""
     print(f"done in {time.perf_counter() - t0:.1f}s; {failed} failed{others}. Report: cxr-bench report {args.out}")
     return 1 if failed else 0
@@ -137,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--out", default="results", help="results directory (default: results)")
     sp.add_argument("--device", default="auto", choices=DEVICES)
     sp.add_argument("--rerun", action="store_true", help="train again even if a result is stored")
+    sp.add_argument("--no-fuse", action="store_true",
+                    help="train every run alone (default: runs that can share a step train together as one "
+                         "batched model, cxr.fused; a spec's `fuse = false` keeps its runs alone)")
     sp.add_argument("--shard", metavar="I/N", help="run only the I-th of N deterministic slices (0 <= I < N) of the "
                                                   "selected runs, e.g. $SLURM_ARRAY_TASK_ID/4, into a shared --out")
     sp.set_defaults(func=cmd_run)

@@ -72,12 +72,13 @@ def predict_logits(model: nn.Module, x: torch.Tensor, device: torch.device,
 
 
 def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                   decision: Decision = PLAIN) -> dict:
+                   decision: Decision = PLAIN, logits: torch.Tensor | None = None) -> dict:
     """Metrics (accuracy, balanced accuracy, sensitivity, specificity, AUROC, ECE, confusion, loss) and
     predictions under `decision` (rule and TTA, cxr.decision); with a decision other than the plain
     argmax, also "plain": the metrics of the same weights under the plain argmax rule, without TTA.
-    The loss is that of the plain outputs (the head's negative log-likelihood)."""
-    logits = predict_logits(model, x, device)
+    The loss is that of the plain outputs (the head's negative log-likelihood). `logits`: the model's
+    plain logits on x when already computed (cxr.fused evaluates a group in one batched forward)."""
+    logits = predict_logits(model, x, device) if logits is None else logits
     y_cpu, y_np = y.cpu(), y.cpu().numpy()
     head = losses.for_outputs(logits.shape[1])
     plain_score, plain_pred = head.score(logits).numpy(), head.predict(logits).numpy()

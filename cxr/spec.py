@@ -69,6 +69,8 @@ class ExperimentSpec:
     #               the spec's own affine augmentation, for validation and test; 0 = off
     seed: int = 0
     # Bookkeeping, not part of the training recipe (excluded from spec_hash):
+    fuse: bool = True  # may train together with the sweep's compatible runs as one batched model
+    #                    (cxr.fused); false: always alone. How a run is executed, not what it learns
     title: str = ""  # the question the file answers, e.g. "Task A: BCE vs CE": the report's heading
     sweep: tuple[str, ...] = ()  # grid keys of the file this came from, e.g. ("lr",)
     grid: tuple[tuple[str, tuple], ...] = ()  # the file's whole [grid], e.g. (("lr", (0.001, 0.01, 0.1)),):
@@ -132,7 +134,7 @@ class ExperimentSpec:
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
 
 
-_BOOKKEEPING = ("name", "title", "sweep", "grid", "source")
+_BOOKKEEPING = ("name", "title", "sweep", "grid", "source", "fuse")
 _ADDED_LATER = {"ema": 0.0, "focal_gamma": 2.0, "class_weight": "none", "decision": "argmax",
                 "tta": 0}  # field -> the default that is left out of spec_hash
 _SHORT = {"epochs": "ep", "image_size": "px", "weight_decay": "wd", "label_smoothing": "ls",
@@ -140,7 +142,7 @@ _SHORT = {"epochs": "ep", "image_size": "px", "weight_decay": "wd", "label_smoot
           "ema": "ema", "focal_gamma": "g", "class_weight": "cw-", "decision": "", "tta": "tta"}
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentSpec)}
 _SETTABLE = [k for k in _FIELDS if k not in ("seed", "sweep", "grid", "source")] + ["seeds"]
-_NOT_SWEPT = ("seeds", "name", "title")
+_NOT_SWEPT = ("seeds", "name", "title", "fuse")
 _CHOICES = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "select": SELECT_METRICS,
             "model": MODELS, "class_weight": CLASS_WEIGHTS, "decision": DECISIONS}
 # (low, high, low inclusive, high inclusive)
@@ -192,7 +194,11 @@ def _check_value(path: Path, key: str, value, where: str):
     field = _FIELDS[key]
     default = field.default
     loc = f"{path}: {where}{key}"
-    if isinstance(default, bool) or isinstance(value, bool):
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise SpecError(f"{loc} = {value!r}: expected true or false")
+        return value
+    if isinstance(value, bool):
         raise SpecError(f"{loc} = {value!r}: expected a {type(default).__name__}")
     if isinstance(default, str):
         if not isinstance(value, str):

@@ -7,6 +7,7 @@ is evaluated once, with the weights of that epoch. A non-finite loss stops the r
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -20,10 +21,10 @@ import torch
 from tqdm import tqdm
 
 from cxr import data as data_mod
-from cxr import losses, record, results
+from cxr import fused, losses, record, results
 from cxr.decision import Decision
 from cxr.env import environment, now, resolve_device, synchronize
-from cxr.errors import one_line
+from cxr.errors import CxrError, one_line
 from cxr.evaluate import evaluate_split
 from cxr.models import build_model
 from cxr.recipe import augment, augmenting, ema_model, lr_factor, make_optimizer, set_lr
@@ -46,6 +47,8 @@ class Fit:
     setup_seconds: float = 0.0  # CUDA graph capture etc., outside train_seconds
     cuda_graph: bool = False
     capture_error: str | None = None
+    fused_with: list[str] | None = None  # run ids trained in the same fused group (cxr.fused), else None
+    fused_kernel: str | None = None  # how the group's step ran: "grouped" or "loop" (cxr.fused.KERNELS)
 
 
 def seed_everything(seed: int) -> None:
@@ -252,6 +255,111 @@ def conflict(out: str | Path, spec: ExperimentSpec, ident: str, old: RunRecord |
             "for a separate results directory")
 
 
+@dataclass
+class Trained:
+    """One run trained and evaluated but not yet stored: its record (weights None) and, for an ok run,
+    its weights on the CPU. What a remote worker sends back (cxr.store writes it on the driver)."""
+
+    record: RunRecord
+    state: dict[str, torch.Tensor] | None = None
+
+
+def train_unit(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch.device | str = "cpu",
+               progress: bool | None = None, kernel: str | None = None) -> list[Trained]:
+    """Train and evaluate runs as one unit, touching no store: one run alone (`fit`), or several runs of
+    one fusion key together (cxr.fused.fit_group). Data errors propagate (they concern every run); any
+    other exception makes the runs it hit status "failed" with a one-line error."""
+    dev = resolve_device(device)
+    recs = [_new_record(s, data, dev) for s in specs]
+    try:
+        fits = fused.fit_group(specs, data, dev, progress, kernel) if len(specs) > 1 else \
+            [fit(specs[0], data, dev, progress)]
+    except (KeyboardInterrupt, data_mod.DataError):
+        raise
+    except Exception as e:  # a crashed run is recorded, and the sweep goes on
+        return [Trained(_failed(rec, e)) for rec in recs]
+    logits = {}
+    if fits[0].fused_kernel == "grouped":  # val and test of every plain-decision member in one batched forward
+        batch = [(i, f.model) for i, f in enumerate(fits) if f.status == record.OK and not recs[i].decision["tta"]]
+        if batch:
+            models = [m for _, m in batch]
+            for split in ("val", "test"):
+                part = getattr(data, split)
+                for (i, _), lg in zip(batch, fused.fused_logits(models, part.x, dev), strict=True):
+                    logits[i, split] = lg
+    return [_finish(spec, rec, fitted, data, dev, logits.get((i, "val")), logits.get((i, "test")))
+            for i, (spec, rec, fitted) in enumerate(zip(specs, recs, fits, strict=True))]
+
+
+def _new_record(spec: ExperimentSpec, data: data_mod.Dataset, dev: torch.device) -> RunRecord:
+    return RunRecord(id=spec.id, seed=spec.seed, spec=spec.to_dict(), spec_hash=spec.spec_hash(),
+                     identity=identity(spec, data), data_fingerprint=dict(data.fingerprint),
+                     training_version=TRAINING_VERSION, status=record.FAILED,
+                     environment={**environment(dev), "started_at": now()}, dataset=data.summary(),
+                     decision=Decision.of(spec, data.train.y).to_dict())
+
+
+def _failed(rec: RunRecord, e: BaseException) -> RunRecord:
+    return dataclasses.replace(rec, status=record.FAILED, error=one_line(e), metrics=None, predictions=None,
+                               weights=None, environment={**rec.environment, "finished_at": now()})
+
+
+def _finish(spec: ExperimentSpec, rec: RunRecord, fitted: Fit, data: data_mod.Dataset, dev: torch.device,
+            val_logits: torch.Tensor | None = None, test_logits: torch.Tensor | None = None) -> Trained:
+    """The record of a fitted run: history, timing and, when ok, the val and test metrics of its model."""
+    try:
+        decision = Decision.of(spec, data.train.y)
+        timing = {"train_seconds": round(fitted.train_seconds, 3),
+                  "images_per_second": round(fitted.train_images / max(fitted.train_seconds, 1e-9), 1),
+                  "eval_seconds": None, "setup_seconds": round(fitted.setup_seconds, 3),
+                  "cuda_graph": fitted.cuda_graph}
+        if fitted.capture_error:
+            timing["cuda_graph_error"] = fitted.capture_error
+        if fitted.fused_with is not None:
+            timing.update(fused_with=fitted.fused_with, fused_kernel=fitted.fused_kernel)
+        rec = dataclasses.replace(rec, status=fitted.status, error=fitted.error, history=tuple(fitted.history),
+                                  best_epoch=fitted.best_epoch, timing=timing)
+        state = None
+        if fitted.status == record.OK:
+            t0 = time.perf_counter()
+            val = evaluate_split(fitted.model, data.val.x, data.val.y, dev, decision, logits=val_logits)
+            test = evaluate_split(fitted.model, data.test.x, data.test.y, dev, decision,  # the one look at test
+                                  logits=test_logits)
+            timing["eval_seconds"] = round(time.perf_counter() - t0, 3)
+            metrics = {"val": val["metrics"], "test": test["metrics"]}
+            if not decision.plain:  # the same weights under the course's plain argmax, for comparison
+                metrics.update(val_plain=val["plain"], test_plain=test["plain"])
+            rec = dataclasses.replace(rec, metrics=metrics, predictions=test["predictions"])
+            state = {k: v.detach().to("cpu", copy=True) for k, v in fitted.model.state_dict().items()}
+    except (KeyboardInterrupt, data_mod.DataError):
+        raise
+    except Exception as e:
+        return Trained(_failed(rec, e))
+    return Trained(dataclasses.replace(rec, environment={**rec.environment, "finished_at": now()}), state)
+
+
+def store(out: str | Path, spec: ExperimentSpec, trained: Trained, previous: RunRecord | None) -> RunRecord:
+    """Write a trained run into the store, under the caller's claim; `previous` is what the store held
+    before training. A failed or diverged attempt never replaces a stored ok result: it is written beside
+    it (seed-<n>.attempt.json) and returned."""
+    rec = trained.record
+    if trained.state is not None:
+        try:
+            wpath = results.save_weights(results.weights_path(out, spec), trained.state)
+            rec = dataclasses.replace(rec, weights=wpath.relative_to(Path(out)).as_posix())
+        except (OSError, CxrError) as e:
+            rec = _failed(rec, e)
+    if rec.ok or previous is None or previous.status == record.FAILED or \
+            (previous.status == record.DIVERGED and rec.status == record.DIVERGED):
+        results.write(out, rec)
+        return rec
+    kept = results.attempt_path(out, spec)
+    rec = dataclasses.replace(rec, error=f"{rec.error}; the stored {previous.status} result is kept, this "
+                                         f"attempt is in {kept.name}")
+    results.write(out, rec, kept)
+    return rec
+
+
 def run(spec: ExperimentSpec, out: str | Path = "results", device: str = "auto", *, rerun: bool = False,
         data: data_mod.Dataset | None = None, progress: bool | None = None) -> RunRecord:
     """Train and evaluate one run and store its record (README "Results" has the store's rules).
@@ -263,24 +371,63 @@ def run(spec: ExperimentSpec, out: str | Path = "results", device: str = "auto",
     one-line error. A failed or diverged attempt never replaces a stored ok result: it is written
     beside it (seed-<n>.attempt.json) and returned.
     """
-    data = data if data is not None else data_mod.load(spec.dataset, spec.image_size)
-    ident = identity(spec, data)
-    if not rerun and (served := _serve(out, spec, ident)) is not None:
-        return served
-    with results.claim(out, spec):
-        if not rerun and (served := _serve(out, spec, ident)) is not None:  # finished by another process
-            return served
-        previous = results.stored(out, spec)
-        rec = _train(spec, out, resolve_device(device), data, ident, progress)
-        if rec.ok or previous is None or previous.status == record.FAILED or \
-                (previous.status == record.DIVERGED and rec.status == record.DIVERGED):
-            results.write(out, rec)
-            return rec
-        kept = results.attempt_path(out, spec)
-        rec = dataclasses.replace(rec, error=f"{rec.error}; the stored {previous.status} result is kept, this "
-                                             f"attempt is in {kept.name}")
-        results.write(out, rec, kept)
-        return rec
+    (rec,) = run_group([spec], out, device, rerun=rerun, data=data, progress=progress)
+    if isinstance(rec, results.Claimed):
+        raise rec
+    return rec
+
+
+def run_group(specs: list[ExperimentSpec], out: str | Path = "results", device: str = "auto", *,
+              rerun: bool = False, data: data_mod.Dataset | None = None, progress: bool | None = None,
+              kernel: str | None = None) -> list[RunRecord | results.Claimed]:
+    """`run` for a training unit (runs of one data set; cxr.fused.groups): each run is served from the
+    store when it can be, the others are claimed and trained together (fused when there are several),
+    and each is stored as `run` stores it. One entry per run, in order: its record, or the Claimed
+    error when another process trains it. Runs of one identity (Task A's CE run is Task B's lr 0.001
+    run) train once; the others are copies of its result."""
+    data = data if data is not None else data_mod.load(specs[0].dataset, specs[0].image_size)
+    dev = resolve_device(device)
+    done: list[RunRecord | results.Claimed | None] = [None] * len(specs)
+    with contextlib.ExitStack() as claims:
+        todo, twins, first = [], [], {}
+        for i, spec in enumerate(specs):
+            ident = identity(spec, data)
+            if not rerun and (served := _serve(out, spec, ident)) is not None:
+                done[i] = served
+                continue
+            try:
+                claims.enter_context(results.claim(out, spec))
+            except results.Claimed as e:
+                done[i] = e
+                continue
+            if not rerun and (served := _serve(out, spec, ident)) is not None:  # finished by another process
+                done[i] = served
+            elif ident in first:
+                twins.append(i)
+            else:
+                first[ident] = i
+                todo.append(i)
+        previous = {i: results.stored(out, specs[i]) for i in todo}
+        trained = train_unit([specs[i] for i in todo], data, dev, progress, kernel) if todo else []
+        for i, t in zip(todo, trained, strict=True):
+            done[i] = store(out, specs[i], t, previous[i])
+        for i in twins:  # a copy of its twin's result when that one is served; else trained on its own
+            spec = specs[i]
+            served = _serve(out, spec, identity(spec, data)) if not rerun else \
+                _copy_twin(out, spec, done[first[identity(spec, data)]])
+            if served is None:
+                prev = results.stored(out, spec)
+                served = store(out, spec, train_unit([spec], data, dev, progress)[0], prev)
+            done[i] = served
+    return done
+
+
+def _copy_twin(out: str | Path, spec: ExperimentSpec, twin: RunRecord) -> RunRecord | None:
+    """Under --rerun, the twin trained just now (same identity) is this run's result too."""
+    if not results.serves(twin, twin.identity):
+        return None
+    found = _reuse_same_recipe(out, spec, twin.identity, only=twin.id)
+    return dataclasses.replace(found, cached=True) if found is not None else None
 
 
 def _serve(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | None:
@@ -292,48 +439,12 @@ def _serve(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | Non
     return dataclasses.replace(found, cached=True) if found is not None else None
 
 
-def _train(spec: ExperimentSpec, out: str | Path, dev: torch.device, data: data_mod.Dataset, ident: str,
-           progress: bool | None) -> RunRecord:
-    decision = Decision.of(spec, data.train.y)
-    rec = RunRecord(id=spec.id, seed=spec.seed, spec=spec.to_dict(), spec_hash=spec.spec_hash(), identity=ident,
-                    data_fingerprint=dict(data.fingerprint), training_version=TRAINING_VERSION,
-                    status=record.FAILED, environment={**environment(dev), "started_at": now()},
-                    dataset=data.summary(), decision=decision.to_dict())
-    try:
-        fitted = fit(spec, data, dev, progress)
-        timing = {"train_seconds": round(fitted.train_seconds, 3),
-                  "images_per_second": round(fitted.train_images / max(fitted.train_seconds, 1e-9), 1),
-                  "eval_seconds": None, "setup_seconds": round(fitted.setup_seconds, 3),
-                  "cuda_graph": fitted.cuda_graph}
-        if fitted.capture_error:
-            timing["cuda_graph_error"] = fitted.capture_error
-        rec = dataclasses.replace(rec, status=fitted.status, error=fitted.error, history=tuple(fitted.history),
-                                  best_epoch=fitted.best_epoch, timing=timing)
-        if fitted.status == record.OK:
-            t0 = time.perf_counter()
-            val = evaluate_split(fitted.model, data.val.x, data.val.y, dev, decision)
-            test = evaluate_split(fitted.model, data.test.x, data.test.y, dev, decision)  # the one look at test
-            timing["eval_seconds"] = round(time.perf_counter() - t0, 3)
-            wpath = results.save_weights(results.weights_path(out, spec), fitted.model.state_dict())
-            metrics = {"val": val["metrics"], "test": test["metrics"]}
-            if not decision.plain:  # the same weights under the course's plain argmax, for comparison
-                metrics.update(val_plain=val["plain"], test_plain=test["plain"])
-            rec = dataclasses.replace(rec, metrics=metrics,
-                                      predictions=test["predictions"],
-                                      weights=wpath.relative_to(Path(out)).as_posix())
-    except (KeyboardInterrupt, data_mod.DataError):
-        raise
-    except Exception as e:  # a crashed run is recorded, and the sweep goes on
-        rec = dataclasses.replace(rec, status=record.FAILED, error=one_line(e), metrics=None, predictions=None,
-                                  weights=None)
-    return dataclasses.replace(rec, environment={**rec.environment, "finished_at": now()})
-
-
-def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | None:
+def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec, ident: str, only: str | None = None
+                       ) -> RunRecord | None:
     """A finished run of the same identity and seed stored under another id (e.g. Task A's CE run is
-    Task B's lr 0.001 run): copy it under this id instead of training it again."""
+    Task B's lr 0.001 run; `only`: that id): copy it under this id instead of training it again."""
     for path in results.result_files(out):
-        if path.name != f"seed-{spec.seed}.json":
+        if path.name != f"seed-{spec.seed}.json" or (only is not None and path.parent.name != only):
             continue
         try:
             other = results.read(path)

@@ -40,6 +40,6 @@ def test_a_bug_is_not_reported_as_bad_input(monkeypatch, tmp_path):
     def bug(*args, **kwargs):
         raise ValueError("a programming error deep inside")
 
-    monkeypatch.setattr(train, "run", bug)
+    monkeypatch.setattr(train, "run_group", bug)
     with pytest.raises(ValueError, match="programming error"):
         cli.main(["run", "specs/task-a-loss.toml", "-k", "bce", "--seeds", "1", "--out", str(tmp_path)])

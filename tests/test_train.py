@@ -45,9 +45,9 @@ def test_best_epoch_is_chosen_on_validation_and_test_is_touched_once(tiny_data, 
     seen = []
     real = train.evaluate_split
 
-    def spy(model, x, y, device, *args):
+    def spy(model, x, y, device, *args, **kwargs):
         seen.append("test" if x is tiny_data.test.x else "val" if x is tiny_data.val.x else "?")
-        return real(model, x, y, device, *args)
+        return real(model, x, y, device, *args, **kwargs)
 
     monkeypatch.setattr(train, "evaluate_split", spy)
     r = train.run(replace(SPEC, epochs=4), tmp_path, "cpu", data=tiny_data, progress=False)
