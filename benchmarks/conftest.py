@@ -51,7 +51,7 @@ import torch
 from _pytest.mark import KeywordMatcher  # pytest's -k matcher: used as is, only the loss words differ
 
 from cxr import data as data_mod
-from cxr import keyword, results, selection
+from cxr import fused, keyword, results, selection
 from cxr import spec as spec_mod
 from cxr.env import DEVICES, resolve_device
 from cxr.errors import CxrError
@@ -70,12 +70,15 @@ class Settings:
     out: Path
     device: torch.device
     rerun: bool
+    fuse: bool  # train compatible runs as fused groups (cxr.fused); --no-fuse: each alone
     throughput_images: int | None  # None: the default of test_throughput.py
 
 
 SETTINGS = pytest.StashKey[Settings]()
 EXPERIMENT_ROWS = pytest.StashKey[list]()  # one dict per experiment case, for the terminal summary
 THROUGHPUT_ROWS = pytest.StashKey[list]()  # one dict per throughput case
+UNITS = pytest.StashKey[dict]()  # run id -> the selected runs it trains with (its fused group, or itself)
+UNIT_RESULTS = pytest.StashKey[dict]()  # run id -> (record, case that trained it, runs in its group)
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -89,6 +92,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--device", default="auto", choices=DEVICES,
                     help="training device (default: auto, the GPU when there is one)")
     group.addoption("--rerun", action="store_true", help="train again even where a result is stored")
+    group.addoption("--no-fuse", action="store_true",
+                    help="train every run alone (default: compatible runs train as one fused group, cxr.fused)")
     group.addoption("--throughput-images", type=int, metavar="N",
                     help="images per timed throughput pass (default: 2048 on CPU, 16384 on CUDA)")
 
@@ -111,7 +116,8 @@ def _settings(config: pytest.Config) -> Settings:
             results.check_writable(out)
         except CxrError as e:
             raise pytest.UsageError(str(e)) from None
-    return Settings(tuple(specs), paths, out, device, config.getoption("rerun"), images)
+    return Settings(tuple(specs), paths, out, device, config.getoption("rerun"), not config.getoption("no_fuse"),
+                    images)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -124,6 +130,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[SETTINGS] = settings
     config.stash[EXPERIMENT_ROWS] = []
     config.stash[THROUGHPUT_ROWS] = []
+    config.stash[UNITS] = {}
+    config.stash[UNIT_RESULTS] = {}
     for name in sorted({s.name for s in settings.specs}):
         config.addinivalue_line("markers", f"task_{name}: runs of the spec named {name!r}")
     for key in sorted({k for s in settings.specs for k in s.sweep}):
@@ -191,11 +199,34 @@ def _matcher(item: pytest.Item):
     return match
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The fused groups of exactly the selected cases (after -k and -m): a selection that takes part of a
+    group fuses only what it took."""
+    settings = session.config.stash.get(SETTINGS, None)
+    if settings is None:
+        return
+    selected = [item.callspec.params["spec"] for item in session.items
+                if hasattr(item, "callspec") and "spec" in item.callspec.params]
+    units = session.config.stash[UNITS]
+    for unit in fused.groups(selected, fuse=settings.fuse):
+        units.update({s.run_id: unit for s in unit})
+
+
 # ------------------------------------------------------------------------------------ fixtures
 
 @pytest.fixture(scope="session")
 def cxr_settings(pytestconfig: pytest.Config) -> Settings:
     return pytestconfig.stash[SETTINGS]
+
+
+@pytest.fixture(scope="session")
+def fusion_units(pytestconfig: pytest.Config) -> dict:
+    return pytestconfig.stash[UNITS]
+
+
+@pytest.fixture(scope="session")
+def unit_results(pytestconfig: pytest.Config) -> dict:
+    return pytestconfig.stash[UNIT_RESULTS]
 
 
 @pytest.fixture(scope="session")
@@ -231,10 +262,14 @@ def _experiment_table(tr, rows: list[dict], settings: Settings) -> None:
     tr.write_line(f"{'run':<{width}}  {'status':<8} {'source':<7} {'test acc':>8} {'AUROC':>7} "
                   f"{'best ep':>7} {'train s':>8} {'img/s':>8}")
     for r in rows:
-        tr.write_line(f"{r['run_id']:<{width}}  {r['status']:<8} {'stored' if r['cached'] else 'trained':<7} "
+        source = "stored" if r["cached"] else "fused" if r.get("fused_with") else "trained"
+        tr.write_line(f"{r['run_id']:<{width}}  {r['status']:<8} {source:<7} "
                       f"{pct(r['test_accuracy']):>8} {_num(r['test_auroc'], '.4f'):>7} "
                       f"{_num(r['best_epoch'], 'd'):>7} {_num(r['train_seconds'], '.1f'):>8} "
                       f"{_num(r['images_per_second'], '.0f'):>8}")
+    if any(r.get("fused_with") and not r["cached"] for r in rows):
+        tr.write_line("fused: trained with the other runs of its group at once (cxr.fused); the group's benchmark "
+                      "time is on its first case, and train s is the group's time while the run took part")
 
 
 def _throughput_table(tr, rows: list[dict]) -> None:

@@ -923,3 +923,21 @@ def test_a_single_setting_with_finished_runs_is_not_called_unfinished(tmp_path):
     runs = [dataclasses.replace(r, spec={**r.spec, "sweep": [], "grid": {}}) for r in runs]
     text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
     assert "One setting only: nothing to compare it with" in text and "no setting has a finished run" not in text
+
+
+def test_a_fused_group_counts_its_training_time_once():
+    """Runs trained as one fused group each carry the group's train_seconds: the report's total counts the
+    group once (its longest member), not once per member."""
+    import dataclasses
+
+    from cxr.report.info import run_info
+
+    runs = [fabricate({"name": "lr", "lr": lr}, TASK_LR, 0, index=i) for i, lr in enumerate((0.001, 0.01, 0.1))]
+    alone = dict(run_info(runs)["rows"])["Total time"]
+    assert alone.startswith("18.6 s of training and evaluation over 3 runs")  # 3 x (6.0 train + 0.2 eval)
+    ids = [r.run_id for r in runs]
+    fused = [dataclasses.replace(r, timing={**r.timing, "train_seconds": 7.0,
+                                            "fused_with": [i for i in ids if i != r.run_id]}) for r in runs]
+    rows = dict(run_info(fused)["rows"])
+    assert rows["Total time"].startswith("7.6 s of training and evaluation over 3 runs")  # 7.0 once + 3 x 0.2
+    assert rows["Runs"].endswith("; 3 trained in 1 fused group")

@@ -67,7 +67,14 @@ def run_info(results: list[RunRecord]) -> dict:
     fresh = [r for r in results if not r.reused_from]  # copies would count their time twice
     started = [t for t in (_time(e.get("started_at")) for e in env) if t]
     finished = [t for t in (_time(e.get("finished_at")) for e in env) if t]
-    compute = sum((r.timing_of("train_seconds") or 0) + (r.timing_of("eval_seconds") or 0) for r in fresh)
+    # A fused group's runs (cxr.fused) trained at once: each one's train_seconds is the group's, so a group
+    # counts its longest member's once.
+    groups: dict[frozenset, float] = {}
+    for r in fresh:
+        key = frozenset([r.run_id, *(r.timing_of("fused_with") or [])])
+        groups[key] = max(groups.get(key, 0.0), r.timing_of("train_seconds") or 0)
+    compute = sum(groups.values()) + sum(r.timing_of("eval_seconds") or 0 for r in fresh)
+    fused = [k for k in groups if len(k) > 1]
     fmt_time = "%Y-%m-%d %H:%M %Z"
     span = f"{min(started).strftime(fmt_time).strip()} / {max(finished).strftime(fmt_time).strip()}" \
         if started and finished else "n/a"
@@ -86,7 +93,9 @@ def run_info(results: list[RunRecord]) -> dict:
                  f"{sum(r.status == DIVERGED for r in results)} diverged, "
                  f"{sum(r.status == FAILED for r in results)} failed"
                  + (f"; {len(results) - len(fresh)} reused the stored result of an identical run under "
-                    f"another id" if len(fresh) < len(results) else "")),
+                    f"another id" if len(fresh) < len(results) else "")
+                 + (f"; {sum(len(k) for k in fused)} trained in {plural(len(fused), 'fused group')}"
+                    if fused else "")),
         ("Started / finished", span),
         ("Total time", f"{duration(compute)} of training and evaluation over {plural(len(fresh), 'run')}"
          + (f"; {duration((max(finished) - min(started)).total_seconds())} from first start to last finish"
