@@ -77,6 +77,7 @@ class Settings:
 SETTINGS = pytest.StashKey[Settings]()
 EXPERIMENT_ROWS = pytest.StashKey[list]()  # one dict per experiment case, for the terminal summary
 THROUGHPUT_ROWS = pytest.StashKey[list]()  # one dict per throughput case
+FUSED_ROWS = pytest.StashKey[list]()  # one dict per fused-throughput case
 UNITS = pytest.StashKey[dict]()  # run id -> the selected runs it trains with (its fused group, or itself)
 UNIT_RESULTS = pytest.StashKey[dict]()  # run id -> (record, case that trained it, runs in its group)
 
@@ -131,6 +132,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[EXPERIMENT_ROWS] = []
     config.stash[THROUGHPUT_ROWS] = []
     config.stash[UNITS] = {}
+    config.stash[FUSED_ROWS] = []
     config.stash[UNIT_RESULTS] = {}
     for name in sorted({s.name for s in settings.specs}):
         config.addinivalue_line("markers", f"task_{name}: runs of the spec named {name!r}")
@@ -220,6 +222,11 @@ def cxr_settings(pytestconfig: pytest.Config) -> Settings:
 
 
 @pytest.fixture(scope="session")
+def fused_rows(pytestconfig: pytest.Config) -> list:
+    return pytestconfig.stash[FUSED_ROWS]
+
+
+@pytest.fixture(scope="session")
 def fusion_units(pytestconfig: pytest.Config) -> dict:
     return pytestconfig.stash[UNITS]
 
@@ -248,6 +255,9 @@ def pytest_terminal_summary(terminalreporter, config: pytest.Config) -> None:
     rows = config.stash.get(THROUGHPUT_ROWS, [])
     if rows:
         _throughput_table(terminalreporter, rows)
+    rows = config.stash.get(FUSED_ROWS, [])
+    if rows:
+        _fused_table(terminalreporter, rows)
 
 
 def _num(v, fmt: str) -> str:
@@ -288,3 +298,19 @@ def _throughput_table(tr, rows: list[dict]) -> None:
         evaluation = f"{r['engine_eval_ips']:>8.0f} {r['course_eval_ips']:>8.0f} {r['eval_ratio']:>7.2f}x"
         mfu = " ".join(f"{100 * r[k]:.3g}%".rjust(7) for k in ("engine_train_mfu", "course_train_mfu"))
         tr.write_line(f"{r['batch_size']:>5}  {train}  {evaluation}  {mfu}")
+
+
+def _fused_table(tr, rows: list[dict]) -> None:
+    first = rows[0]
+    tr.write_sep("-", "cxr-bench fused training: a group at once (cxr.fused) vs its runs one after another")
+    tr.write_line(f"{first['device_name']}; {first['images_per_member']} images per member and pass, best of "
+                  f"{first['rounds']}; aggregate training images/s; default kernel {first['default_kernel']}")
+    tr.write_line(f"memory roofline: {first['bandwidth_gbs']} GB/s measured / {first['bytes_per_training_image']:,} "
+                  "bytes per training image (5 x the activations)")
+    tr.write_line(f"{'members':>7} {'batch':>5}  {'sequential':>10} {'grouped':>9} {'loop':>9} {'course':>9}  "
+                  f"{'grouped/seq':>11} {'loop/seq':>8} {'default/course':>14} {'roofline':>8}")
+    for r in rows:
+        tr.write_line(f"{r['members']:>7} {r['batch_size']:>5}  {r['sequential_ips']:>10.0f} {r['grouped_ips']:>9.0f} "
+                      f"{r['loop_ips']:>9.0f} {r['course_ips']:>9.0f}  {r['grouped_vs_sequential']:>10.2f}x "
+                      f"{r['loop_vs_sequential']:>7.2f}x {r['fused_vs_course']:>13.2f}x "
+                      f"{100 * r['roofline_fraction']:>7.2f}%")

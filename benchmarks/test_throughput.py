@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cxr import data as data_mod
 from cxr.env import cpu_text, device_name, synchronize
 from cxr.evaluate import predict_logits
+from cxr.fused import KERNELS, fit_group
 from cxr.models import build_model, count_flops
 from cxr.spec import ExperimentSpec
 from cxr.train import fit
@@ -194,3 +195,121 @@ def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, through
     }
     benchmark.extra_info.update(row)
     throughput_rows.append(row)
+
+
+# ------------------------------------------------------------------------------- fused groups
+
+FUSED_MEMBERS = (3, 9, 18)
+FUSED_IMAGES_PER_MEMBER = {"cpu": 512, "cuda": 16384}  # training images per member and timed pass
+# (--throughput-images overrides): a group of 18 at 512 images is 9,216 images per pass on a 2-core CPU
+
+
+@pytest.fixture(scope="module")
+def bandwidth(cxr_settings) -> float:
+    """Memory bandwidth in bytes/s: the best of a few timed copies of a 256 MiB (CPU) or 2 GiB (CUDA)
+    buffer, counting each byte read and written (2 x the buffer per copy)."""
+    device = cxr_settings.device
+    n = (256 if device.type == "cpu" else 2048) * 2**20 // 4
+    a = torch.empty(n, device=device)
+    b = torch.empty_like(a)
+    best = math.inf
+    for _ in range(4 if device.type == "cpu" else 10):  # the first one warms up
+        synchronize(device)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * a.element_size() / best
+
+
+def activation_bytes(image_size: int, element_bytes: int) -> int:
+    """Bytes of every layer's output for one image in one forward pass of the cnn (conv, BatchNorm,
+    ReLU and pooling outputs, logits): the activations a training step must stream through memory."""
+    model = build_model("cnn", 2)
+    total = 0
+
+    def hook(module, inputs, output):
+        nonlocal total
+        total += output.numel() * element_bytes
+
+    leaves = [m for m in model.modules() if not list(m.children())]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, image_size, image_size))
+    for h in handles:
+        h.remove()
+    return total
+
+
+# A training step streams each activation about 5 times: the forward pass writes it and the next layer
+# reads it (2), the backward pass reads it again and writes and reads its gradient (3). Weights are
+# small next to a batch's activations and are left out. So the memory roofline is
+# bandwidth / (5 x activation bytes per image): what the fraction below compares to.
+STREAMS_PER_TRAINING_IMAGE = 5
+
+
+@pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=lambda b: f"batch{b}")
+@pytest.mark.parametrize("members", FUSED_MEMBERS, ids=lambda m: f"members{m}")
+def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidth, fused_rows):
+    """Aggregate training images/s of a fused group (cxr.fused.fit_group, each kernel) against the same
+    runs trained one after another (cxr.train.fit) and against the course's loop, side by side.
+
+    The members are a sweep as the suite has them: seeds and learning rates of one CE recipe. One epoch
+    each; images/s counts every member's images over the training clock (fit's and fit_group's own
+    train_seconds: validation and setup are left out). Best of ROUNDS timed repeats."""
+    device = cxr_settings.device
+    full = data_mod.load("synthetic", IMAGE_SIZE)
+    n = cxr_settings.throughput_images or FUSED_IMAGES_PER_MEMBER.get(device.type, 512)
+    idx = torch.arange(n) % full.train.n
+    train = data_mod.Split(x=full.train.x[idx].contiguous(), y=full.train.y[idx])
+    val = data_mod.Split(x=full.val.x[:VAL_IMAGES], y=full.val.y[:VAL_IMAGES])
+    data = _dataset(train, val)
+    lrs = (0.001, 0.003, 0.01)
+    specs = [ExperimentSpec(name="fused", loss="ce", lr=lrs[i % 3], seed=i // 3, batch_size=batch_size, epochs=1,
+                            select="last") for i in range(members)]
+    warm = _dataset(data_mod.Split(x=train.x[:WARMUP_BATCHES * batch_size], y=train.y[:WARMUP_BATCHES * batch_size]),
+                    val)
+
+    def sequential() -> float:
+        fits = [fit(s, data, device, progress=False) for s in specs]
+        return sum(f.train_images for f in fits) / sum(f.train_seconds for f in fits)
+
+    def fused(kernel: str) -> float:
+        fits = fit_group(specs, data, device, progress=False, kernel=kernel)
+        return sum(f.train_images for f in fits) / fits[0].train_seconds
+
+    fit(specs[0], warm, device, progress=False)
+    for kernel in KERNELS:
+        fit_group(specs[:2], warm, device, progress=False, kernel=kernel)
+    rates = {"sequential": [], **{k: [] for k in KERNELS}}
+
+    def one_round():  # the measured runs, interleaved so that a slow moment of the machine hits each alike
+        rates["sequential"].append(sequential())
+        for kernel in KERNELS:
+            rates[kernel].append(fused(kernel))
+
+    benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
+    best = {k: max(v) for k, v in rates.items()}
+    model, optimizer = course_model(specs[0], device)
+    with course_defaults():
+        course_train_epoch(model, _loader(warm.train, batch_size, True), optimizer, device)
+        loader = _loader(train, batch_size, True)
+        course = best_rate(lambda: course_train_epoch(model, loader, optimizer, device), device)
+    element = 2 if device.type == "cuda" else 4  # bf16 autocast on CUDA, float32 on the CPU
+    per_image = STREAMS_PER_TRAINING_IMAGE * activation_bytes(IMAGE_SIZE, element)
+    roofline = bandwidth / per_image
+    default = "grouped" if device.type == "cuda" else "loop"
+    row = {
+        "members": members, "batch_size": batch_size, "images_per_member": n, "rounds": ROUNDS,
+        "device": device.type, "device_name": device_name(device) if device.type == "cuda" else f"CPU {cpu_text()}",
+        "sequential_ips": round(best["sequential"], 1), "grouped_ips": round(best["grouped"], 1),
+        "loop_ips": round(best["loop"], 1), "course_ips": round(course, 1), "default_kernel": default,
+        "fused_vs_sequential": round(best[default] / best["sequential"], 3),
+        "grouped_vs_sequential": round(best["grouped"] / best["sequential"], 3),
+        "loop_vs_sequential": round(best["loop"] / best["sequential"], 3),
+        "fused_vs_course": round(best[default] / course, 3),
+        "bytes_per_training_image": per_image, "bandwidth_gbs": round(bandwidth / 1e9, 1),
+        "roofline_fraction": round(best[default] / roofline, 4),
+    }
+    benchmark.extra_info.update(row)
+    fused_rows.append(row)
