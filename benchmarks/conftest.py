@@ -43,6 +43,10 @@ is that of reading it; extra_info keeps the stored run's own train_seconds.
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -78,6 +82,7 @@ SETTINGS = pytest.StashKey[Settings]()
 EXPERIMENT_ROWS = pytest.StashKey[list]()  # one dict per experiment case, for the terminal summary
 THROUGHPUT_ROWS = pytest.StashKey[list]()  # one dict per throughput case
 FUSED_ROWS = pytest.StashKey[list]()  # one dict per fused-throughput case
+BENCHMARK_DICTS = pytest.StashKey[list]()  # pytest-benchmark dicts sent by xdist workers, for --benchmark-json
 UNITS = pytest.StashKey[dict]()  # run id -> the selected runs it trains with (its fused group, or itself)
 UNIT_RESULTS = pytest.StashKey[dict]()  # run id -> (record, case that trained it, runs in its group)
 
@@ -121,7 +126,99 @@ def _settings(config: pytest.Config) -> Settings:
                     images)
 
 
+_CONFIG: dict = {}  # the session's config, for pytest_runtest_logreport (which is not given it)
+
+
+def _xdist_worker() -> str | None:
+    """This process's pytest-xdist worker id (gw0, gw1, ...), or None when it is not a worker."""
+    return os.environ.get("PYTEST_XDIST_WORKER")
+
+
+def worker_gpu(worker: str, visible: list[str]) -> str | None:
+    """The GPU an xdist worker trains on: worker gw<i> takes visible[i % len(visible)]; None without GPUs."""
+    return visible[int(worker.removeprefix("gw")) % len(visible)] if visible else None
+
+
+def _visible_gpus() -> list[str]:
+    """The GPUs this process may use, without initialising CUDA (so that CUDA_VISIBLE_DEVICES set after
+    this still counts): CUDA_VISIBLE_DEVICES when set, else the GPUs nvidia-smi lists."""
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [v.strip() for v in env.split(",") if v.strip()]
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [str(i) for i, line in enumerate(line for line in out.splitlines() if line.startswith("GPU "))]
+
+
+def _pin_worker_gpu() -> None:
+    """`pytest benchmarks -n N`: pin each worker to one GPU before anything starts CUDA."""
+    worker = _xdist_worker()
+    gpu = worker_gpu(worker, _visible_gpus()) if worker else None
+    if gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
+
+
+def _xdist_setup(config: pytest.Config) -> None:
+    """Under pytest-xdist, let the workers time their cases, which pytest-benchmark would turn off: the
+    controller (which runs none) writes --benchmark-json from what they send."""
+    bs = getattr(config, "_benchmarksession", None)
+    if bs is None or not bs.xdist_warning:  # not under xdist, or benchmarks skipped or disabled by the user
+        return
+    bs.xdist_warning = False
+    if _xdist_worker():
+        bs.disabled, bs.json = False, None  # time as without xdist; the controller writes the one file
+
+
+def fusion_group(spec: spec_mod.ExperimentSpec) -> str:
+    """The name of the fused group a case may train with (its cxr.fused.fusion_key), or its own run id."""
+    key = fused.fusion_key(spec)
+    return f"fuse-{hashlib.sha256(repr(key).encode()).hexdigest()[:12]}" if key else spec.run_id
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`pytest benchmarks -n N` (xdist's load mode): hand out whole fused groups, so that a group's cases run
+    in one worker and train there as one group (xdist's own --dist loadgroup would need marks, and with
+    pytest 9.2 it does not group at all: pytest-dev/pytest-xdist#1386). Other cases go out one by one."""
+    if config.getvalue("dist") != "load" or SETTINGS not in config.stash:
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    groups = {s.run_id: fusion_group(s) for s in config.stash[SETTINGS].specs}
+
+    class FusedGroupScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            case = nodeid.rpartition("::")[2]
+            if case.startswith("test_experiment[") and case.endswith("]"):
+                return groups.get(case[len("test_experiment["):-1], nodeid)
+            return nodeid
+
+    return FusedGroupScheduling(config, log)
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    _xdist_setup(session.config)  # after every plugin's pytest_configure (pytest-benchmark's is trylast)
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Under xdist, write --benchmark-json from the workers' cases, as pytest-benchmark writes it without."""
+    config = session.config
+    bs = getattr(config, "_benchmarksession", None)
+    sent = config.stash.get(BENCHMARK_DICTS, [])
+    if bs is None or _xdist_worker() or not bs.json or not sent:
+        return
+    output = config.hook.pytest_benchmark_generate_json(
+        config=config, benchmarks=[], include_data=True, machine_info=bs.get_machine_info(),
+        commit_info=config.hook.pytest_benchmark_generate_commit_info(config=config))
+    output["benchmarks"] = sorted(sent, key=lambda b: b["fullname"])
+    bs.save_json(output)
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    _pin_worker_gpu()  # first: resolving --device below may start CUDA
     for loss in spec_mod.LOSSES:
         config.addinivalue_line("markers", f"{loss}: a run trained with the {loss.upper()} loss "
                                            f"(-k {loss} selects exactly these, see benchmarks/conftest.py)")
@@ -133,6 +230,8 @@ def pytest_configure(config: pytest.Config) -> None:
     config.stash[THROUGHPUT_ROWS] = []
     config.stash[UNITS] = {}
     config.stash[FUSED_ROWS] = []
+    config.stash[BENCHMARK_DICTS] = []
+    _CONFIG["config"] = config
     config.stash[UNIT_RESULTS] = {}
     for name in sorted({s.name for s in settings.specs}):
         config.addinivalue_line("markers", f"task_{name}: runs of the spec named {name!r}")
@@ -222,11 +321,6 @@ def cxr_settings(pytestconfig: pytest.Config) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def fused_rows(pytestconfig: pytest.Config) -> list:
-    return pytestconfig.stash[FUSED_ROWS]
-
-
-@pytest.fixture(scope="session")
 def fusion_units(pytestconfig: pytest.Config) -> dict:
     return pytestconfig.stash[UNITS]
 
@@ -236,14 +330,65 @@ def unit_results(pytestconfig: pytest.Config) -> dict:
     return pytestconfig.stash[UNIT_RESULTS]
 
 
-@pytest.fixture(scope="session")
-def experiment_rows(pytestconfig: pytest.Config) -> list:
-    return pytestconfig.stash[EXPERIMENT_ROWS]
+class _Rows:
+    """A case's rows for a summary table. They travel on the case's report (user_properties), so that
+    the process that prints the tables gets them whether the case ran there or in a pytest-xdist worker."""
+
+    def __init__(self, node: pytest.Item, kind: str):
+        self.node, self.kind = node, kind
+
+    def append(self, row: dict) -> None:
+        self.node.user_properties.append((ROW_PROPERTY, self.kind, _plain(row)))
 
 
-@pytest.fixture(scope="session")
-def throughput_rows(pytestconfig: pytest.Config) -> list:
-    return pytestconfig.stash[THROUGHPUT_ROWS]
+@pytest.fixture
+def experiment_rows(request: pytest.FixtureRequest) -> _Rows:
+    return _Rows(request.node, "experiment")
+
+
+@pytest.fixture
+def throughput_rows(request: pytest.FixtureRequest) -> _Rows:
+    return _Rows(request.node, "throughput")
+
+
+@pytest.fixture
+def fused_rows(request: pytest.FixtureRequest) -> _Rows:
+    return _Rows(request.node, "fused")
+
+
+def _plain(obj):
+    """obj as plain JSON types (what xdist can send between processes)."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+ROW_PROPERTY = "cxr_bench_row"
+BENCHMARK_PROPERTY = "cxr_bench_benchmark"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call):
+    """In a pytest-xdist worker, a case's pytest-benchmark result rides on its report to the controller,
+    which writes --benchmark-json (pytest-benchmark itself turns benchmarks off under xdist)."""
+    outcome = yield
+    report = outcome.get_result()
+    fixture = getattr(item, "funcargs", {}).get("benchmark")
+    if call.when == "call" and _xdist_worker() and fixture is not None and getattr(fixture, "stats", None):
+        from pytest_benchmark.utils import safe_dumps
+
+        report.user_properties.append((BENCHMARK_PROPERTY, json.loads(safe_dumps(fixture.stats.as_dict()))))
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    """Collect the rows and benchmarks of finished cases (run here, or sent by an xdist worker)."""
+    config = _CONFIG.get("config")
+    if report.when != "call" or config is None or SETTINGS not in config.stash:
+        return
+    tables = {"experiment": EXPERIMENT_ROWS, "throughput": THROUGHPUT_ROWS, "fused": FUSED_ROWS}
+    for prop in report.user_properties:
+        if prop[0] == ROW_PROPERTY:
+            config.stash[tables[prop[1]]].append(prop[2])
+        elif prop[0] == BENCHMARK_PROPERTY:
+            config.stash[BENCHMARK_DICTS].append(prop[1])
 
 
 # ------------------------------------------------------------------------------ summary tables

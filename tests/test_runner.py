@@ -234,9 +234,9 @@ def test_a_failed_run_fails_only_its_case(pytester, tmp_path):
 @pytest.mark.slow
 def test_throughput_reports_the_ratio_per_batch_size(pytester, tmp_path):
     result = pytester.runpytest_subprocess(BENCHMARKS / "test_throughput.py", "-p", "no:cacheprovider",
-                                           "--device", "cpu", "--throughput-images", "64",
+                                           "--device", "cpu", "--throughput-images", "64", "-k", "not fused",
                                            "--benchmark-json", tmp_path / "t.json", timeout=120)
-    result.assert_outcomes(passed=3)
+    result.assert_outcomes(passed=3, deselected=9)
     result.stdout.fnmatch_lines(["*cxr-bench throughput: engine (cxr.train.fit) vs the course loop*",
                                  "*64 images per timed pass, best of 3*",
                                  "   32 *x *%*", "   64 *x *%*", "  128 *x *%*"])
@@ -258,3 +258,55 @@ def test_k_focal_selects_exactly_the_focal_runs(pytester, tmp_path):
         assert ids == [f"l3-{loss}-lr0.001-bs32-seed0"] and throughput == 0
     ids, _, _ = collect(pytester, folder, "-m", "focal")
     assert ids == ["l3-focal-lr0.001-bs32-seed0"]
+
+
+@pytest.mark.slow
+def test_fused_throughput_reports_each_kernel_against_sequential(pytester, tmp_path):
+    result = pytester.runpytest_subprocess(BENCHMARKS / "test_throughput.py", "-p", "no:cacheprovider",
+                                           "--device", "cpu", "--throughput-images", "64",
+                                           "-k", "fused and members3 and batch32",
+                                           "--benchmark-json", tmp_path / "f.json", timeout=120)
+    result.assert_outcomes(passed=1, deselected=11)
+    result.stdout.fnmatch_lines(["*cxr-bench fused training: a group at once (cxr.fused) vs its runs one after*",
+                                 "*64 images per member and pass*default kernel loop",
+                                 "memory roofline: * GB/s measured / * bytes per training image*",
+                                 "      3    32 * *x *x *x *%"])
+    (row,) = [b["extra_info"] for b in json.loads((tmp_path / "f.json").read_text())["benchmarks"]]
+    assert row["members"] == 3 and row["batch_size"] == 32 and row["images_per_member"] == 64
+    assert row["loop_vs_sequential"] == pytest.approx(row["loop_ips"] / row["sequential_ips"], rel=1e-2)
+    assert row["fused_vs_sequential"] == row["loop_vs_sequential"]  # the CPU's default kernel
+    assert row["grouped_ips"] > 0 and row["course_ips"] > 0 and 0 < row["roofline_fraction"] < 1
+    assert row["bytes_per_training_image"] > 0 and row["bandwidth_gbs"] > 0
+
+
+def test_each_xdist_worker_takes_its_own_gpu():
+    from benchmarks.conftest import worker_gpu
+
+    assert [worker_gpu(f"gw{i}", ["0", "1"]) for i in range(4)] == ["0", "1", "0", "1"]
+    assert worker_gpu("gw5", ["3", "7", "9"]) == "9"  # an existing CUDA_VISIBLE_DEVICES list is honoured
+    assert worker_gpu("gw0", []) is None
+
+
+@pytest.mark.slow
+def test_xdist_runs_and_reports_the_same_cases(pytester, spec_dir, tmp_path):
+    """`pytest benchmarks -n 2` selects, runs and reports the cases that a run without -n does: the same
+    outcomes, summary rows, benchmark JSON entries (with timings) and store, each fused group in one worker."""
+    pytest.importorskip("xdist")
+    runs = {}
+    for name, extra in (("plain", ()), ("xdist", ("-n", "2"))):
+        out = tmp_path / name
+        result = run_suite(pytester, "--specs", spec_dir, "--out", out / "results", "-k", "not lr0.1",
+                           "--benchmark-json", out / "b.json", "-v", *extra)
+        result.assert_outcomes(passed=5, deselected=0 if extra else 1)  # xdist's workers deselect, unreported
+        rows = sorted(line.split()[0] for line in result.outlines if re.match(r"\w+-(b?ce)-lr\S+-seed0 ", line))
+        doc = json.loads((out / "b.json").read_text())
+        info = {b["name"]: (b["stats"]["rounds"], b["extra_info"]["status"], b["extra_info"]["test_accuracy"])
+                for b in doc["benchmarks"]}
+        runs[name] = (rows, info, sorted(result_files(out / "results")), result.stdout.str())
+    (rows, info, files, _), (xrows, xinfo, xfiles, xout) = runs["plain"], runs["xdist"]
+    assert len(rows) == 5 and xrows == rows
+    assert len(info) == 5 and xinfo == info  # CPU training is deterministic at one thread
+    assert xfiles == files
+    assert "2 workers [5 items]" in xout and "Benchmarks are automatically disabled" not in xout
+    workers = {m.group(2): m.group(1) for m in re.finditer(r"\[(gw\d)\] .*PASSED .*test_experiment\[(\S+)\]", xout)}
+    assert workers["loss-bce-lr0.001-bs32-seed0"] == workers["bs-bce-lr0.001-bs32-seed0"]  # one fused group
