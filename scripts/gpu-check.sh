@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check, for a machine with a CUDA GPU and the project installed (pip install -e ".[test]"):
 # the device names, the CUDA-marked tests, one quick pass of the suite on CUDA with its report,
-# and the throughput benchmark. Under 5 minutes on one modern GPU. Every step runs even when an
+# the default suite (`cxr-bench run`, all shipped specs, 3 seeds) fused and with --no-fuse on fresh
+# stores, and the throughput benchmarks (the engine vs the course loop; fused groups of 3, 9 and 18
+# vs sequential runs, with the memory-roofline fraction). Under 10 minutes on one modern GPU. Every step runs even when an
 # earlier one fails; the exit status is non-zero when any step failed.
 #   scripts/gpu-check.sh [OUT_DIR]        (default: a fresh temporary directory)
 set -euo pipefail
@@ -30,6 +32,23 @@ raise SystemExit(0 if torch.cuda.is_available() else 1)'
 step cuda-tests pytest tests -m cuda -p no:cacheprovider -q
 step suite pytest benchmarks/test_experiments.py -p no:cacheprovider -q --device cuda --epochs 1 --seeds 1 \
     --out "$out/suite" --benchmark-json "$out/suite/benchmark.json"
+step suite-fused cxr-bench run --device cuda --out "$out/default-fused"
+step suite-alone cxr-bench run --device cuda --no-fuse --out "$out/default-alone"
+step suite-times python3 - "$out/default-fused" "$out/default-alone" <<'PY'
+import json, sys
+from pathlib import Path
+for store in sys.argv[1:]:  # training + evaluation wall time, a fused group's training counted once
+    recs = [json.loads(p.read_text()) for p in Path(store).glob("runs/*/seed-*.json")]
+    fresh = [r for r in recs if not r["reused_from"]]
+    groups = {}
+    for r in fresh:
+        t = r["timing"] or {}
+        key = frozenset([f"{r['id']}-seed{r['seed']}", *(t.get("fused_with") or [])])
+        groups[key] = max(groups.get(key, 0), t.get("train_seconds") or 0)
+    total = sum(groups.values()) + sum((r["timing"] or {}).get("eval_seconds") or 0 for r in fresh)
+    print(f"{store}: {len(recs)} runs, {len(fresh)} trained in {len(groups)} units; "
+          f"training + evaluation {total:.1f} s")
+PY
 step report cxr-bench report "$out/suite" --out "$out/suite/report.md" \
     --benchmark-json "$out/suite/benchmark.json"
 step throughput pytest benchmarks/test_throughput.py -p no:cacheprovider --device cuda \

@@ -235,3 +235,24 @@ def test_runs_of_one_identity_in_a_group_train_once(tmp_path, tiny_data):
     assert recs[0].timing_of("fused_with") == [other.run_id]  # b was not trained a second time
     again = train.run_group([a, other, b], tmp_path, "cpu", data=tiny_data, progress=False, rerun=True)
     assert again[2].reused_from == a.id and again[2].metrics == again[0].metrics
+
+
+# ------------------------------------------------------------------------------------------- CUDA
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("kernel", fused.KERNELS)
+def test_cuda_fused_group_captures_one_graph_and_trains_like_lone_runs(tiny_data, kernel):
+    """On CUDA the group's step (every member: forward, loss, backward, optimizer) is one captured graph;
+    each member's epochs follow its lone CUDA run (bf16 autocast: a looser tolerance than on the CPU)."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    specs = [replace(s, epochs=3) for s in MIXED if s.optimizer in ("adam", "adamw")]
+    fits = fused.fit_group(specs, tiny_data, "cuda", progress=False, kernel=kernel)
+    for spec, f in zip(specs, fits, strict=True):
+        assert f.status == "ok" and f.cuda_graph and f.capture_error is None and f.fused_kernel == kernel
+        lone = train.fit(spec, tiny_data, "cuda", progress=False)
+        for a, b in zip(f.history, lone.history, strict=True):
+            assert a["lr"] == b["lr"]
+            assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)
+    recs = train.train_unit(specs, tiny_data, "cuda", kernel=kernel)  # batched evaluation on the GPU
+    assert all(t.record.ok and t.record.metrics["test"]["accuracy"] > 0.5 for t in recs)
