@@ -43,7 +43,13 @@ def cmd_run(args) -> int:
     if not specs:
         print("cxr-bench run: no experiments selected", file=sys.stderr)
         return USER_ERROR
-    device = resolve_device(args.device)
+    if args.gpus_per_task is not None and not args.ray:
+        raise CxrError("--gpus-per-task: only with --ray (a local run uses one device, --device)")
+    if args.ray:  # --ray (cxr.cluster): refuse before any work when Ray is missing; the driver needs no GPU
+        from cxr import cluster
+
+        cluster.import_ray()
+    device = resolve_device(args.device) if not args.ray else f"a Ray cluster ({args.ray})"
     results.check_writable(args.out)  # before any training
     if not args.rerun:  # a stored result of another recipe or data: refuse before training anything
         conflicts = [why for s in specs
@@ -56,30 +62,46 @@ def cmd_run(args) -> int:
     how = (f"; {sum(map(len, grouped))} of them in {len(grouped)} fused group{'s' * (len(grouped) > 1)}"
            if grouped else "")
     print(f"{len(specs)} runs -> {args.out}/runs on {device}{how}", flush=True)
-    t0, failed, busy, i = time.perf_counter(), 0, 0, 0
-    for unit in units:
-        for s, r in zip(unit, train.run_group(unit, args.out, args.device, rerun=args.rerun), strict=True):
-            i += 1
-            if isinstance(r, results.Claimed):  # another process trains it: its result lands in the same store
-                busy += 1
-                print(f"[{i}/{len(specs)}] {s.run_id:<36} {'busy':<8}  ({r})", flush=True)
-                continue
-            failed += r.status == "failed"
-            where = ("reused" if r.reused_from else "stored") if r.cached \
-                else f"{r.timing_of('train_seconds') or 0:.1f}s"
-            line = f"[{i}/{len(specs)}] {s.run_id:<36} {r.status:<8} {where:>8}"
-            if r.test("accuracy") is not None:
-                auroc = r.test("auroc")
-                line += (f"  test acc {pct(r.test('accuracy'))}  AUROC "
-                         f"{'n/a' if auroc is None else format(auroc, '.4f')}  best epoch {r.best_epoch}")
-            if not r.cached and r.timing_of("fused_with"):
-                line += f"  (fused with {len(r.timing_of('fused_with'))} other runs)"
-            if r.error:
-                line += f"  ({r.error})"
-            print(line, flush=True)
+    t0, counts = time.perf_counter(), {"failed": 0, "busy": 0, "done": 0}
+
+    def show(s, r) -> None:  # one finished run: count it and print its line
+        counts["done"] += 1
+        if isinstance(r, results.Claimed):
+            counts["busy"] += 1
+        elif r.status == "failed":
+            counts["failed"] += 1
+        print(_run_line(counts["done"], len(specs), s, r), flush=True)
+
+    if args.ray:  # ---- --ray: the same units as Ray tasks (cxr.cluster); only this process writes the store
+        cluster.run_on_ray(units, args.out, args.ray, args.gpus_per_task, rerun=args.rerun, device=args.device,
+                           on_result=show, say=print)
+    else:
+        for unit in units:
+            for s, r in zip(unit, train.run_group(unit, args.out, args.device, rerun=args.rerun), strict=True):
+                show(s, r)
+    failed, busy = counts["failed"], counts["busy"]
     others = f"; {busy} being trained by another process" if busy else ""
     print(f"done in {time.perf_counter() - t0:.1f}s; {failed} failed{others}. Report: cxr-bench report {args.out}")
     return 1 if failed else 0
+
+
+def _run_line(i: int, n: int, s: spec_mod.ExperimentSpec, r) -> str:
+    """The line `cxr-bench run` prints for a finished run: `r` its RunRecord, or the Claimed error."""
+    from cxr import results
+
+    if isinstance(r, results.Claimed):  # another process trains it: its result lands in the same store
+        return f"[{i}/{n}] {s.run_id:<36} {'busy':<8}  ({r})"
+    where = ("reused" if r.reused_from else "stored") if r.cached else f"{r.timing_of('train_seconds') or 0:.1f}s"
+    line = f"[{i}/{n}] {s.run_id:<36} {r.status:<8} {where:>8}"
+    if r.test("accuracy") is not None:
+        auroc = r.test("auroc")
+        line += (f"  test acc {pct(r.test('accuracy'))}  AUROC "
+                 f"{'n/a' if auroc is None else format(auroc, '.4f')}  best epoch {r.best_epoch}")
+    if not r.cached and r.timing_of("fused_with"):
+        line += f"  (fused with {len(r.timing_of('fused_with'))} other runs)"
+    if r.error:
+        line += f"  ({r.error})"
+    return line
 
 
 def cmd_evaluate(args) -> int:
@@ -148,6 +170,15 @@ def build_parser() -> argparse.ArgumentParser:
                          "batched model, cxr.fused; a spec's `fuse = false` keeps its runs alone)")
     sp.add_argument("--shard", metavar="I/N", help="run only the I-th of N deterministic slices (0 <= I < N) of the "
                                                   "selected runs, e.g. $SLURM_ARRAY_TASK_ID/4, into a shared --out")
+    # --ray (cxr.cluster; pip install -e ".[ray]")
+    sp.add_argument("--ray", metavar="ADDRESS",
+                    help="spread the runs over a Ray cluster: local (start one on this machine for this command), "
+                         "auto (join the cluster this node is part of) or ray://HOST:PORT; this process alone "
+                         "writes --out")
+    sp.add_argument("--gpus-per-task", type=float, metavar="F",
+                    help="with --ray: GPUs each training unit asks for (default 1 when the cluster has GPUs and "
+                         "--device is not cpu, else 0; 0.5 packs two units on one GPU); a task trains on cuda when "
+                         "given a GPU, unless --device cpu")
     sp.set_defaults(func=cmd_run)
 
     sp = sub.add_parser("specs", help="list the expanded experiment runs")

@@ -77,7 +77,7 @@ def collect(pytester: pytest.Pytester, spec_dir: Path, *args: str) -> tuple[list
                               "--specs", str(spec_dir), *args)
     items = rec.getcalls("pytest_collection_finish")[0].session.items
     ids = [item.callspec.id for item in items if item.originalname == "test_experiment"]
-    throughput = sum(item.originalname == "test_throughput" for item in items)
+    throughput = sum(item.originalname in ("test_throughput", "test_fused_throughput") for item in items)
     return ids, throughput, rec.getcalls("pytest_deselected")
 
 
@@ -99,15 +99,15 @@ def test_k_selects_what_the_user_means(pytester, spec_dir, expr, expected):
     # the same runs as `cxr-bench run -k` (cxr.spec.matches), in the same order
     assert ids == [s.run_id for s in spec_mod.load([spec_dir]) if selection.matches(s, expr)]
     # the throughput cases train with no loss of their own: a loss word never selects them
-    assert throughput == (3 if expr.startswith("not") else 0)
-    # deselected once, by the runner's hook, and reported: 6 experiment + 3 throughput cases in all
+    assert throughput == (12 if expr.startswith("not") else 0)
+    # deselected once, by the runner's hook, and reported: 6 experiment + 3 + 9 throughput cases in all
     assert len(deselect_calls) == 1
-    assert len(deselect_calls[0].items) == 9 - len(ids) - throughput
+    assert len(deselect_calls[0].items) == 18 - len(ids) - throughput
 
 
 def test_k_keeps_pytest_meaning_for_other_words_and_outside_benchmarks(pytester, spec_dir):
     ids, throughput, _ = collect(pytester, spec_dir, "-k", "throughput")
-    assert (ids, throughput) == ([], 3)
+    assert (ids, throughput) == ([], 12)  # test_throughput and test_fused_throughput
     ids, throughput, _ = collect(pytester, spec_dir, "-k", "test_experiment and bs32")
     assert ids == ["bs-bce-lr0.001-bs32-seed0", "loss-bce-lr0.001-bs32-seed0", "loss-ce-lr0.001-bs32-seed0",
                    "lr-ce-lr0.001-bs32-seed0", "lr-ce-lr0.1-bs32-seed0"]

@@ -1,0 +1,278 @@
+"""A sweep spread over a Ray cluster: `cxr-bench run --ray ADDRESS` (Ray core tasks; `pip install -e ".[ray]"`).
+
+The unit of work is what the engine trains at once (cxr.fused.groups: several runs of one fusion key, or
+one run alone). One Ray task trains one unit with `cxr.train.train_unit` and returns its runs, records and
+CPU weights, without touching any store: the driver (the process running cxr-bench) alone reads and writes
+the results directory, so the nodes need the data and cxr-bench installed, not a shared file system for
+the results. The driver needs no GPU; it loads each data set too (a run's identity includes the data's
+fingerprint), and its Ray must be the cluster's version. It follows `cxr.train.run_group`'s rules, for the
+whole sweep:
+
+- a run whose result is stored is served (or copied from an identical run stored under another id);
+- every other run is claimed (cxr.results.claim) before its unit is submitted, and released once stored;
+  a run claimed by another process is reported `Claimed`, as the local path does;
+- runs of one identity ("twins", e.g. Task A's CE run is Task B's lr 0.001 run) train once, anywhere in
+  the sweep (under --rerun too, where run_group copies within a unit only); the others become copies
+  when that result arrives (and train on their own if it failed);
+- each run is stored exactly once, when its task's result arrives (cxr.train.store: atomic, an ok result
+  is never replaced by a failed one). A task lost with its node or worker is retried by Ray
+  (`max_retries`); ordinary exceptions are not retried (train_unit records them as failed runs), and a
+  task that still cannot finish is stored as failed runs (their environment is the driver's), retried by
+  the next `cxr-bench run`.
+
+A task asks for `gpus_per_task` GPUs (fractions pack several small units on one GPU; Ray sets
+CUDA_VISIBLE_DEVICES for it) and trains on "cuda" when it was given GPUs, else on the CPU; `device="cpu"`
+forces the CPU. A CPU task asks for as many CPUs as the driver's torch threads (at most a node's CPUs), a
+GPU task for one; the worker uses the driver's torch thread count, so CPU results are those of a
+sequential run. Each GPU task runs in a fresh worker process (max_calls=1), so a unit's GPU memory is
+freed when it ends. Each record's environment also says where it ran: `ray_node_id` and
+`cuda_visible_devices`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from cxr import data as data_mod
+from cxr import results, train
+from cxr.errors import CxrError, one_line
+from cxr.record import RunRecord
+from cxr.spec import ExperimentSpec
+
+INSTALL = 'pip install -e ".[ray]"'
+MAX_RETRIES = 3  # Ray's retries of a task whose worker or node died (not of ordinary exceptions)
+Result = RunRecord | results.Claimed
+
+
+class RayError(CxrError):
+    """--ray cannot be used: Ray is not installed, the cluster cannot be reached, or a bad option."""
+
+
+def import_ray():
+    """The ray module, or RayError saying how to install it."""
+    try:
+        import ray
+        import ray.exceptions
+    except ImportError as e:
+        raise RayError(f"--ray needs Ray, which is not installed here ({one_line(e)}); install it with "
+                       f"{INSTALL}") from None
+    return ray
+
+
+def run_on_ray(units: Sequence[Sequence[ExperimentSpec]], out: str | Path, address: str | None = "local",
+               gpus_per_task: float | None = None, rerun: bool = False, device: str = "auto",
+               on_result: Callable[[ExperimentSpec, Result], None] | None = None, *,
+               say: Callable[[str], None] | None = None, max_retries: int = MAX_RETRIES,
+               progress: bool | None = None) -> list[Result]:
+    """Train the units on a Ray cluster into the store `out`; one result per run, in the order of the runs.
+
+    address: "local" starts a cluster on this machine for the duration of the call (all its CPUs and
+    CUDA GPUs), "auto" joins the cluster this node belongs to (or $RAY_ADDRESS), "ray://HOST:PORT" (Ray
+    client) or "HOST:PORT" joins that one; None uses the Ray this process is already connected to. No
+    cluster is started or joined when every run is served from the store.
+    gpus_per_task: GPUs per unit (default 1 when the cluster has GPUs and device is not "cpu", else 0).
+    device: "auto" (cuda when the task was given GPUs), "cpu" (always, even when given GPUs) or "cuda".
+    on_result(spec, result) is called once per run as it finishes (served runs first); say(line) gets one
+    line describing the cluster. Ctrl-C cancels the outstanding tasks and raises KeyboardInterrupt; the
+    runs stored until then stay stored.
+    """
+    ray = import_ray()
+    if gpus_per_task is not None and (not gpus_per_task >= 0 or (gpus_per_task > 1 and gpus_per_task % 1)):
+        raise RayError(f"--gpus-per-task {gpus_per_task:g}: allowed values are 0, a fraction of 1 (0.25 packs "
+                       "four units on a GPU) or a whole number")
+    if address is None and not ray.is_initialized():
+        raise RayError("no Ray address given and this process is not connected to a Ray cluster")
+    sweep = _Sweep(units, out, rerun, device, on_result, progress)
+    started = False
+    try:
+        if sweep.plan():  # something to train
+            if address is not None:
+                _connect(ray, address)
+                started = True
+            sweep.train(ray, gpus_per_task, max_retries, say)
+        return sweep.done
+    finally:
+        sweep.close()
+        if started:
+            ray.shutdown()
+
+
+def _connect(ray, address: str) -> None:
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report (the cluster may be offline)
+    try:
+        if address == "local":
+            ray.init(address="local", num_cpus=os.cpu_count() or 1, num_gpus=torch.cuda.device_count(),
+                     include_dashboard=False, logging_level=logging.WARNING)  # a new one, even beside a running one
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
+    except Exception as e:  # no cluster there, wrong version, ...: one line, not Ray's traceback
+        raise RayError(f"--ray {address}: cannot start or join the Ray cluster ({one_line(e)})") from None
+
+
+def _train_task(specs: list[ExperimentSpec], threads: int, device: str) -> list[train.Trained]:
+    """On a worker: load the unit's data, train it (cxr.train.train_unit) and return its runs."""
+    import ray
+
+    torch.set_num_threads(threads)  # the driver's: CPU results then match a sequential run's
+    dev = device if device != "auto" else ("cuda" if ray.get_gpu_ids() else "cpu")
+    data = data_mod.load(specs[0].dataset, specs[0].image_size)
+    where = {"ray_node_id": ray.get_runtime_context().get_node_id(),
+             "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    return [dataclasses.replace(t, record=dataclasses.replace(t.record, environment={**t.record.environment,
+                                                                                       **where}))
+            for t in train.train_unit(specs, data, dev, progress=False)]
+
+
+class _Sweep:
+    """The driver's bookkeeping for one call of run_on_ray (see the module's docstring)."""
+
+    def __init__(self, units, out, rerun, device, on_result, progress):
+        self.out, self.rerun, self.device, self.on_result = out, rerun, device, on_result
+        self.specs = [s for u in units for s in u]
+        self.unit_of = [k for k, u in enumerate(units) for _ in u]
+        self.done: list[Result | None] = [None] * len(self.specs)
+        self.claims: dict[int, contextlib.ExitStack] = {}
+        self.finished: list[int] = []  # final runs not yet passed to on_result
+        self.todo: dict[int, list[int]] = {}  # unit -> its runs to train
+        self.waiting: dict[str, list[int]] = {}  # identity -> twins waiting for the first run's result
+        self.previous: dict[int, RunRecord | None] = {}  # what the store held before training
+        self.pending: dict = {}  # ObjectRef -> run indices of the unit it trains
+        self.threads = torch.get_num_threads()
+        show = sys.stderr.isatty() if progress is None else progress
+        self.bar = tqdm(total=len(self.specs), desc="ray", unit="run", disable=not show, leave=False)
+
+    def plan(self) -> bool:
+        """Serve what is stored, claim the rest (cxr.train.run_group's rules); whether any run must train."""
+        first: dict[str, int] = {}
+        for i, spec in enumerate(self.specs):
+            ident = self._identity(i)
+            if not self.rerun and (served := train._serve(self.out, spec, ident)) is not None:
+                self._finish(i, served)
+                continue
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(results.claim(self.out, spec))
+            except results.Claimed as e:
+                self._finish(i, e)
+                continue
+            self.claims[i] = stack
+            if not self.rerun and (served := train._serve(self.out, spec, ident)) is not None:
+                self._finish(i, served)  # finished by another process meanwhile
+            elif ident in first:
+                self.waiting.setdefault(ident, []).append(i)
+            else:
+                first[ident] = i
+                self.todo.setdefault(self.unit_of[i], []).append(i)
+        self._notify()
+        return bool(self.todo)
+
+    def train(self, ray, gpus_per_task: float | None, max_retries: int, say) -> None:
+        """Submit a task per unit, and store each run as its task's result arrives."""
+        self.ray = ray
+        have = ray.cluster_resources()
+        gpus = gpus_per_task if gpus_per_task is not None else float(bool(have.get("GPU")) and self.device != "cpu")
+        if self.device == "cuda" and not gpus:
+            raise RayError(f"--device cuda: the tasks get no GPU (--gpus-per-task 0; the cluster has "
+                           f"{have.get('GPU', 0):g} GPUs); give --gpus-per-task, e.g. 1")
+        largest = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
+        cpus = 1 if gpus else max(1, min(self.threads, int(largest)))  # a CPU task runs `threads` threads
+        # max_calls=1: a GPU task runs in a fresh worker process, which frees its GPU memory when the unit
+        # ends and never keeps a CUDA context on the GPU of an earlier task (ray-project/ray#29624)
+        self.task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_calls=1 if gpus else 0, max_retries=max_retries,
+                               retry_exceptions=False)(_train_task)
+        if say is not None:
+            on = {"auto": "cuda when given a GPU, else cpu"}.get(self.device, self.device)
+            say(f"Ray cluster of {len([n for n in ray.nodes() if n.get('Alive')])} nodes, {have.get('CPU', 0):g} "
+                f"CPUs, {have.get('GPU', 0):g} GPUs; each task: {gpus:g} GPU, {cpus:g} CPU, {self.threads} "
+                f"torch threads, device {on}")
+        try:
+            for runs in self.todo.values():
+                self._submit(runs)
+            while self.pending:
+                ready, _ = ray.wait(list(self.pending), num_returns=1)
+                for ref in ready:
+                    self._arrived(self.pending.pop(ref), ref)
+                self._notify()
+        except BaseException:
+            for ref in self.pending:  # Ctrl-C or an error for every run: stop the rest, keep what is stored
+                with contextlib.suppress(Exception):
+                    ray.cancel(ref)
+            raise
+
+    def close(self) -> None:
+        for stack in self.claims.values():
+            stack.close()
+        self.claims.clear()
+        self.bar.close()
+
+    def _identity(self, i: int) -> str:
+        spec = self.specs[i]
+        return train.identity(spec, data_mod.load(spec.dataset, spec.image_size))
+
+    def _submit(self, runs: list[int]) -> None:
+        for i in runs:
+            self.previous[i] = results.stored(self.out, self.specs[i])
+        ref = self.task.remote([self.specs[i] for i in runs], self.threads, self.device)
+        self.pending[ref] = runs
+
+    def _arrived(self, runs: list[int], ref) -> None:
+        try:
+            trained = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, CxrError):  # bad data or device: it concerns every run, as in a local run
+                raise cause from None
+            trained = [self._lost(i, cause or e) for i in runs]
+        except self.ray.exceptions.RayError as e:  # worker or node lost beyond max_retries, task cancelled
+            trained = [self._lost(i, e) for i in runs]
+        for i, t in zip(runs, trained, strict=True):
+            self._finish(i, train.store(self.out, self.specs[i], t, self.previous[i]))
+            self._twins(i)
+
+    def _lost(self, i: int, e: BaseException) -> train.Trained:
+        spec = self.specs[i]
+        rec = train._new_record(spec, data_mod.load(spec.dataset, spec.image_size), torch.device("cpu"))
+        return train.Trained(train._failed(rec, RuntimeError(f"Ray task lost: {one_line(e)}")))
+
+    def _twins(self, i: int) -> None:
+        """The runs waiting for run i's identity: copies of its result, or (when it failed) trained anew."""
+        ident = self._identity(i)
+        waiting = self.waiting.pop(ident, [])
+        while waiting:
+            j = waiting.pop(0)
+            spec = self.specs[j]
+            if self.rerun:
+                copied = train._copy_twin(self.out, spec, self.done[i])
+            else:
+                copied = train._serve(self.out, spec, ident)
+            if copied is not None:
+                self._finish(j, copied)
+                continue
+            self.waiting[ident] = waiting  # j trains on its own; the rest wait for it
+            self._submit([j])
+            return
+
+    def _finish(self, i: int, result: Result) -> None:
+        """Run i is final (stored, served or claimed elsewhere): release its claim; _notify tells."""
+        self.done[i] = result
+        if i in self.claims:
+            self.claims.pop(i).close()
+        self.finished.append(i)
+
+    def _notify(self) -> None:
+        """on_result for the runs finished since the last call (after all of a task's runs are stored)."""
+        while self.finished:
+            i = self.finished.pop(0)
+            self.bar.update(1)
+            if self.on_result is not None:
+                with tqdm.external_write_mode():
+                    self.on_result(self.specs[i], self.done[i])
