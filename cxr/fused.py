@@ -38,6 +38,7 @@ from cxr import data as data_mod
 from cxr import losses, record
 from cxr.decision import Decision
 from cxr.env import resolve_device, synchronize
+from cxr.errors import one_line
 from cxr.evaluate import EVAL_BATCH, evaluate_split
 from cxr.models import _MEAN, _STD, ConvNet, build_model
 from cxr.recipe import augment, augmenting, ema_model, lr_factor, make_optimizer, set_lr
@@ -209,7 +210,6 @@ class FusedStep:
             try:
                 self._capture(batch_size)
             except Exception as e:  # unsupported op or driver: train eagerly, say why
-                from cxr.errors import one_line
                 self.graph, self.capture_error = None, one_line(e)
 
     def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
