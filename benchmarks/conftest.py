@@ -112,6 +112,7 @@ def _settings(config: pytest.Config) -> Settings:
         specs = selection.select(list(paths), seeds=seeds, dataset=config.getoption("data"),
                                 epochs=config.getoption("epochs"))  # -k: pytest's option, applied below
         device = resolve_device(config.getoption("device"))
+        fused.check_environment()  # CXR_FUSE_KERNEL, CXR_GRAPH_STEPS
     except CxrError as e:
         raise pytest.UsageError(str(e)) from None
     if images is not None and images < 2:
@@ -443,6 +444,10 @@ def _throughput_table(tr, rows: list[dict]) -> None:
         evaluation = f"{r['engine_eval_ips']:>8.0f} {r['course_eval_ips']:>8.0f} {r['eval_ratio']:>7.2f}x"
         mfu = " ".join(f"{100 * r[k]:.3g}%".rjust(7) for k in ("engine_train_mfu", "course_train_mfu"))
         tr.write_line(f"{r['batch_size']:>5}  {train}  {evaluation}  {mfu}")
+    if any(r.get("engine_epoch_graph_train_ips") for r in rows):
+        tr.write_line("engine with a whole epoch per CUDA graph replay (CXR_GRAPH_STEPS=epoch), training: "
+                      + "; ".join(f"batch {r['batch_size']}: {r['engine_epoch_graph_train_ips']:.0f} images/s, "
+                                  f"{r['epoch_graph_ratio']:.2f}x the course" for r in rows))
 
 
 def _fused_table(tr, rows: list[dict]) -> None:
@@ -459,3 +464,8 @@ def _fused_table(tr, rows: list[dict]) -> None:
                       f"{r['loop_ips']:>9.0f} {r['course_ips']:>9.0f}  {r['grouped_vs_sequential']:>10.2f}x "
                       f"{r['loop_vs_sequential']:>7.2f}x {r['fused_vs_course']:>13.2f}x "
                       f"{100 * r['roofline_fraction']:>7.2f}%")
+    if any(r.get("epoch_graph_ips") for r in rows):
+        tr.write_line("default kernel with a whole epoch per CUDA graph replay (CXR_GRAPH_STEPS=epoch): "
+                      + "; ".join(f"{r['members']}x bs{r['batch_size']}: {r['epoch_graph_ips']:.0f} images/s, "
+                                  f"{r['epoch_graph_vs_sequential']:.2f}x seq, "
+                                  f"{100 * r['epoch_graph_roofline_fraction']:.2f}% roofline" for r in rows))

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from cxr import data as data_mod
+from cxr import graphs
 from cxr.env import cpu_text, device_name, synchronize
 from cxr.evaluate import predict_logits
 from cxr.fused import KERNELS, fit_group
@@ -138,7 +139,7 @@ def course_model(spec: ExperimentSpec, device: torch.device) -> tuple[nn.Module,
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=lambda b: f"batch{b}")
-def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, throughput_rows):
+def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, throughput_rows, monkeypatch):
     device = cxr_settings.device
     train, val = workload
     n_warm = WARMUP_BATCHES * batch_size
@@ -158,6 +159,14 @@ def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, through
     if fits[-1].model is None:
         pytest.fail(f"the engine's fit did not finish: {fits[-1].status} ({fits[-1].error})", pytrace=False)
     engine_train = max(f.train_images / f.train_seconds for f in fits)
+    # On CUDA, also with every full batch of an epoch in one graph replay (cxr.graphs, CXR_GRAPH_STEPS=epoch).
+    epoch_graph = None
+    if device.type == "cuda":
+        with monkeypatch.context() as env:
+            env.setenv(graphs.STEPS_ENV, "epoch")
+            fit(spec, _dataset(warm, val), device, progress=False)
+            whole = [fit(spec, _dataset(train, val), device, progress=False) for _ in range(ROUNDS)]
+        epoch_graph = max(f.train_images / f.train_seconds for f in whole)
     # Course: the same model from the same seed; a warm-up on a few batches, then timed epochs,
     # with PyTorch's default cuDNN settings (fit() turns cudnn.benchmark on for the process).
     model, optimizer = course_model(spec, device)
@@ -187,6 +196,8 @@ def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, through
         "device_name": name, "engine_cuda_graph": fits[-1].cuda_graph,
         "engine_train_ips": round(engine_train, 1), "course_train_ips": round(course_train, 1),
         "train_ratio": round(engine_train / course_train, 3),
+        "engine_epoch_graph_train_ips": round(epoch_graph, 1) if epoch_graph else None,
+        "epoch_graph_ratio": round(epoch_graph / course_train, 3) if epoch_graph else None,
         "engine_eval_ips": round(engine_eval, 1), "course_eval_ips": round(course_eval, 1),
         "eval_ratio": round(engine_eval / course_eval, 3),
         "engine_train_mfu": mfu(engine_train, 3), "course_train_mfu": mfu(course_train, 3),
@@ -250,7 +261,7 @@ STREAMS_PER_TRAINING_IMAGE = 5
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=lambda b: f"batch{b}")
 @pytest.mark.parametrize("members", FUSED_MEMBERS, ids=lambda m: f"members{m}")
-def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidth, fused_rows):
+def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidth, fused_rows, monkeypatch):
     """Aggregate training images/s of a fused group (cxr.fused.fit_group, each kernel) against the same
     runs trained one after another (cxr.train.fit) and against the course's loop, side by side.
 
@@ -290,6 +301,13 @@ def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidt
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     best = {k: max(v) for k, v in rates.items()}
+    epoch_graph = None  # on CUDA: the default kernel with a whole epoch per graph replay (CXR_GRAPH_STEPS=epoch)
+    default = "grouped" if device.type == "cuda" else "loop"
+    if device.type == "cuda":
+        with monkeypatch.context() as env:
+            env.setenv(graphs.STEPS_ENV, "epoch")
+            fit_group(specs[:2], warm, device, progress=False, kernel=default)
+            epoch_graph = max(fused(default) for _ in range(ROUNDS))
     model, optimizer = course_model(specs[0], device)
     with course_defaults():
         course_train_epoch(model, _loader(warm.train, batch_size, True), optimizer, device)
@@ -298,7 +316,6 @@ def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidt
     element = 2 if device.type == "cuda" else 4  # bf16 autocast on CUDA, float32 on the CPU
     per_image = STREAMS_PER_TRAINING_IMAGE * activation_bytes(IMAGE_SIZE, element)
     roofline = bandwidth / per_image
-    default = "grouped" if device.type == "cuda" else "loop"
     row = {
         "members": members, "batch_size": batch_size, "images_per_member": n, "rounds": ROUNDS,
         "device": device.type, "device_name": device_name(device) if device.type == "cuda" else f"CPU {cpu_text()}",
@@ -310,6 +327,9 @@ def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidt
         "fused_vs_course": round(best[default] / course, 3),
         "bytes_per_training_image": per_image, "bandwidth_gbs": round(bandwidth / 1e9, 1),
         "roofline_fraction": round(best[default] / roofline, 4),
+        "epoch_graph_ips": round(epoch_graph, 1) if epoch_graph else None,
+        "epoch_graph_vs_sequential": round(epoch_graph / best["sequential"], 3) if epoch_graph else None,
+        "epoch_graph_roofline_fraction": round(epoch_graph / roofline, 4) if epoch_graph else None,
     }
     benchmark.extra_info.update(row)
     fused_rows.append(row)

@@ -43,6 +43,7 @@ def cmd_run(args) -> int:
     if not specs:
         print("cxr-bench run: no experiments selected", file=sys.stderr)
         return USER_ERROR
+    fused.check_environment()  # CXR_FUSE_KERNEL, CXR_GRAPH_STEPS
     if args.gpus_per_task is not None and not args.ray:
         raise CxrError("--gpus-per-task: only with --ray (a local run uses one device, --device)")
     if args.ray:  # --ray (cxr.cluster): refuse before any work when Ray is missing; the driver needs no GPU

@@ -155,7 +155,7 @@ class _Sweep:
         first: dict[str, int] = {}
         for i, spec in enumerate(self.specs):
             ident = self._identity(i)
-            if not self.rerun and (served := train._serve(self.out, spec, ident)) is not None:
+            if not self.rerun and (served := train.serve(self.out, spec, ident)) is not None:
                 self._finish(i, served)
                 continue
             stack = contextlib.ExitStack()
@@ -165,7 +165,7 @@ class _Sweep:
                 self._finish(i, e)
                 continue
             self.claims[i] = stack
-            if not self.rerun and (served := train._serve(self.out, spec, ident)) is not None:
+            if not self.rerun and (served := train.serve(self.out, spec, ident)) is not None:
                 self._finish(i, served)  # finished by another process meanwhile
             elif ident in first:
                 self.waiting.setdefault(ident, []).append(i)
@@ -240,8 +240,8 @@ class _Sweep:
 
     def _lost(self, i: int, e: BaseException) -> train.Trained:
         spec = self.specs[i]
-        rec = train._new_record(spec, data_mod.load(spec.dataset, spec.image_size), torch.device("cpu"))
-        return train.Trained(train._failed(rec, RuntimeError(f"Ray task lost: {one_line(e)}")))
+        rec = train.new_record(spec, data_mod.load(spec.dataset, spec.image_size), torch.device("cpu"))
+        return train.Trained(train.failed_record(rec, RuntimeError(f"Ray task lost: {one_line(e)}")))
 
     def _twins(self, i: int) -> None:
         """The runs waiting for run i's identity: copies of its result, or (when it failed) trained anew."""
@@ -251,9 +251,9 @@ class _Sweep:
             j = waiting.pop(0)
             spec = self.specs[j]
             if self.rerun:
-                copied = train._copy_twin(self.out, spec, self.done[i])
+                copied = train.copy_twin(self.out, spec, self.done[i])
             else:
-                copied = train._serve(self.out, spec, ident)
+                copied = train.serve(self.out, spec, ident)
             if copied is not None:
                 self._finish(j, copied)
                 continue

@@ -35,10 +35,10 @@ from torch import nn
 from tqdm import tqdm
 
 from cxr import data as data_mod
-from cxr import losses, record
+from cxr import graphs, losses, record
 from cxr.decision import Decision
 from cxr.env import resolve_device, synchronize
-from cxr.errors import one_line
+from cxr.errors import CxrError, one_line
 from cxr.evaluate import EVAL_BATCH, evaluate_split
 from cxr.models import _MEAN, _STD, ConvNet, build_model
 from cxr.recipe import augment, augmenting, ema_model, lr_factor, make_optimizer, set_lr
@@ -197,20 +197,26 @@ class FusedStep:
     whole fused step is captured once as a CUDA graph and replayed, as cxr.train.TrainStep does."""
 
     def __init__(self, members: list[Member], x: torch.Tensor, y: torch.Tensor, device: torch.device,
-                 batch_size: int, graphs: bool, kernel: str):
-        self.members, self.x, self.y, self.kernel = members, x, y, kernel
+                 batch_size: int, graphed: bool, kernel: str, steps: int = 1):
+        self.members, self.x, self.y, self.kernel, self.batch_size = members, x, y, kernel, batch_size
         self.fused = FusedConvNet([mb.model for mb in members]).train() if kernel == "grouped" else None
         self.cuda = device.type == "cuda"
         self.loss_sum = torch.zeros(len(members), device=device)
         self.correct = torch.zeros(len(members), device=device, dtype=torch.long)
-        self.graph, self.static_idx, self.capture_error = None, None, None
+        self.graphs: graphs.StepGraphs | None = None
+        self.capture_error = None
         self.augmenting = augmenting(members[0].spec)
-        if (graphs and self.cuda and not self.augmenting and len(y) >= batch_size
+        if (graphed and graphs.available(device) and not self.augmenting and len(y) >= batch_size
                 and all(mb.spec.optimizer in ("adam", "adamw") for mb in members)):
             try:
-                self._capture(batch_size)
+                self._capture(steps)
             except Exception as e:  # unsupported op or driver: train eagerly, say why
-                self.graph, self.capture_error = None, one_line(e)
+                self.graphs, self.capture_error = None, one_line(e)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per call that the group loop may hand over at once (cxr.graphs.batches)."""
+        return self.graphs.steps if self.graphs is not None else 1
 
     def _inputs(self, idx: torch.Tensor) -> torch.Tensor:
         m, b = idx.shape
@@ -253,45 +259,30 @@ class FusedStep:
             self.correct[k] += (mb.loss.predict(logits) == yb).sum()
 
     def __call__(self, idx: torch.Tensor) -> None:
-        if self.graph is not None and idx.shape == self.static_idx.shape:
-            self.static_idx.copy_(idx)
-            self.graph.replay()
-        else:
-            for mb in self.members:
-                mb.optimizer.zero_grad(set_to_none=self.graph is None)
-            self._body(idx)
+        if self.graphs is not None and self.graphs.replay(idx, self.batch_size):
+            return
+        for mb in self.members:
+            mb.optimizer.zero_grad(set_to_none=self.graphs is None)
+        self._body(idx)
 
     def reset(self) -> None:
         self.loss_sum.zero_()
         self.correct.zero_()
 
-    def _capture(self, batch_size: int) -> None:
-        snapshots = [{k: v.clone() for k, v in mb.model.state_dict().items()} for mb in self.members]
-        self.static_idx = torch.arange(batch_size, device=self.y.device).repeat(len(self.members), 1)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        rest = len(self.y) % batch_size
-        with torch.cuda.stream(side):  # warm-up steps, as torch.cuda.graph requires
-            for idx in [self.static_idx] * 3 + ([self.static_idx[:, :rest]] if rest >= 2 else []):
-                for mb in self.members:
-                    mb.optimizer.zero_grad(set_to_none=True)
-                self._body(idx)
-        torch.cuda.current_stream().wait_stream(side)
-        for mb in self.members:
-            mb.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._body(self.static_idx)
-        with torch.no_grad():  # undo the warm-up: weights, BatchNorm statistics, optimizer state
-            for mb, snapshot in zip(self.members, snapshots, strict=True):
-                for k, v in mb.model.state_dict().items():
-                    v.copy_(snapshot[k])
-                for state in mb.optimizer.state.values():
-                    for v in state.values():
-                        if isinstance(v, torch.Tensor):
-                            v.zero_()
+    def _capture(self, steps: int) -> None:
+        saved = graphs.snapshot([mb.model for mb in self.members])
+        batch = self.batch_size
+        static = torch.arange(batch, device=self.y.device).repeat(len(self.members), 1)
+        rest = len(self.y) % batch
+
+        def zero_grad() -> None:
+            for mb in self.members:
+                mb.optimizer.zero_grad(set_to_none=True)
+
+        graphs.warm_up(self._body, zero_grad, [static] * 3 + ([static[:, :rest]] if rest >= 2 else []))
+        self.graphs = graphs.StepGraphs(self._body, zero_grad, static, steps, len(self.y) // batch)
+        graphs.undo_warmup([mb.model for mb in self.members], saved, [mb.optimizer for mb in self.members])
         self.reset()
-        self.graph = graph
 
 
 def default_kernel(device: torch.device) -> str:
@@ -302,8 +293,14 @@ def default_kernel(device: torch.device) -> str:
     CXR_FUSE_KERNEL=grouped|loop overrides."""
     kernel = os.environ.get("CXR_FUSE_KERNEL") or ("grouped" if device.type == "cuda" else "loop")
     if kernel not in KERNELS:
-        raise ValueError(f"CXR_FUSE_KERNEL={kernel!r}: allowed values are {', '.join(KERNELS)}")
+        raise CxrError(f"CXR_FUSE_KERNEL={kernel!r}: allowed values are {', '.join(KERNELS)}")
     return kernel
+
+
+def check_environment() -> None:
+    """Refuse a bad CXR_FUSE_KERNEL or CXR_GRAPH_STEPS (CxrError, one line) before any training starts."""
+    default_kernel(torch.device("cpu"))
+    graphs.steps_per_graph(1, between_steps=False)
 
 
 def fit_group(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch.device | str = "cpu",
@@ -311,7 +308,7 @@ def fit_group(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch
     """Train the runs `specs` (one fusion_key) together; one cxr.train.Fit per run, in order, each as
     its lone `cxr.train.fit` would return it (the model holds the best epoch's weights). `kernel`:
     "grouped" or "loop" (default_kernel: by device)."""
-    from cxr.train import _is_better
+    from cxr.train import is_better
 
     keys = {fusion_key(s) for s in specs}
     if len(keys) != 1 or None in keys:
@@ -329,7 +326,6 @@ def fit_group(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch
     members = [Member(s, data, y_train, device) for s in specs]
     n, batch = len(y_train), spec0.batch_size
     steps_per_epoch = math.ceil(n / batch)
-    graphs = os.environ.get("CXR_CUDA_GRAPHS", "1") != "0"
     ids = [s.run_id for s in specs]
 
     step, setup, active = None, 0.0, []
@@ -344,7 +340,9 @@ def fit_group(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch
         if now_active != active:  # first epoch, or a member stopped: (re)build the fused step
             active = now_active
             t_setup = time.perf_counter()
-            step = FusedStep(active, x_train, y_train, device, batch, graphs, kernel)
+            between = any(mb.spec.schedule != "none" or mb.spec.warmup_epochs or mb.ema is not None for mb in active)
+            steps = graphs.steps_per_graph(n // batch, between_steps=between)
+            step = FusedStep(active, x_train, y_train, device, batch, True, kernel, steps)
             synchronize(device)
             setup += time.perf_counter() - t_setup
         t0 = time.perf_counter()
@@ -357,17 +355,14 @@ def fit_group(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch
         perm = torch.stack([torch.randperm(n, device=device, generator=mb.generator) for mb in active])
         scheduled = [mb for mb in active if mb.spec.schedule != "none" or mb.spec.warmup_epochs]
         images = 0
-        for i in range(0, n, batch):
-            idx = perm[:, i:i + batch]
-            if idx.shape[1] < 2:  # a 1-image batch breaks BatchNorm statistics
-                continue
+        for idx in graphs.batches(perm, batch, step.steps):  # step.steps > 1: nothing between steps
             for mb in scheduled:
                 set_lr(mb.optimizer, mb.spec.lr * lr_factor(mb.spec, n_step, steps_per_epoch))
             step(idx)
             for mb in active:
                 if mb.ema is not None:
                     mb.ema.update_parameters(mb.model)
-            n_step += 1
+            n_step += -(-idx.shape[1] // batch)
             images += idx.shape[1]
         if images == 0:
             raise ValueError(f"no batch of at least 2 images in an epoch ({n} training images, batch size "
@@ -403,7 +398,7 @@ def fit_group(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch
             r.history.append(row)
             value = {"loss": val["metrics"]["loss"], "accuracy": val["metrics"]["accuracy"],
                      "auroc": val["metrics"]["auroc"] or 0.0, "last": 0.0}[mb.spec.select]
-            if _is_better(mb.spec, value, mb.best_value):
+            if is_better(mb.spec, value, mb.best_value):
                 mb.best_value, r.best_epoch = value, epoch
                 mb.best_state = copy.deepcopy(mb.evaluated.state_dict())
         val_seconds = (time.perf_counter() - t_val) / len(active)
@@ -416,7 +411,8 @@ def fit_group(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch
     for mb in members:
         r = mb.result
         r.setup_seconds = setup
-        r.cuda_graph = step is not None and step.graph is not None
+        r.cuda_graph = step is not None and step.graphs is not None
+        r.graph_steps = step.steps if r.cuda_graph else None
         r.capture_error = step.capture_error if step is not None else None
         r.fused_with = [i for i in ids if i != mb.spec.run_id]
         r.fused_kernel = kernel

@@ -74,6 +74,7 @@ class Timing(TypedDict, total=False):
     setup_seconds: float  # CUDA graph capture and the like, outside train_seconds
     cuda_graph: bool  # whether the train step was replayed as a CUDA graph
     cuda_graph_error: str  # why capture failed, when it did
+    graph_steps: int  # optimizer steps per graph replay (cxr.graphs, CXR_GRAPH_STEPS), when graphed
     fused_with: list[str]  # run ids trained at once with this one, as one fused group (cxr.fused); then
     #                        train_seconds is the group's time while this run took part
     fused_kernel: str  # how the group's step ran: "grouped" (one grouped convolution per layer) or "loop"

@@ -11,7 +11,6 @@ import contextlib
 import copy
 import dataclasses
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from tqdm import tqdm
 
 from cxr import data as data_mod
-from cxr import fused, losses, record, results
+from cxr import fused, graphs, losses, record, results
 from cxr.decision import Decision
 from cxr.env import environment, now, resolve_device, synchronize
 from cxr.errors import CxrError, one_line
@@ -46,6 +45,7 @@ class Fit:
     error: str | None = None
     setup_seconds: float = 0.0  # CUDA graph capture etc., outside train_seconds
     cuda_graph: bool = False
+    graph_steps: int | None = None  # optimizer steps per CUDA graph replay (cxr.graphs), when graphed
     capture_error: str | None = None
     fused_with: list[str] | None = None  # run ids trained in the same fused group (cxr.fused), else None
     fused_kernel: str | None = None  # how the group's step ran: "grouped" or "loop" (cxr.fused.KERNELS)
@@ -55,7 +55,8 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds CUDA
 
 
-def _is_better(spec: ExperimentSpec, value: float, best: float | None) -> bool:
+def is_better(spec: ExperimentSpec, value: float, best: float | None) -> bool:
+    """Whether an epoch's validation `value` beats the best so far under spec.select."""
     if best is None or spec.select == "last":
         return True
     return value < best if spec.select == "loss" else value > best
@@ -65,27 +66,33 @@ class TrainStep:
     """One optimizer step on the batch x[idx], with running sums of loss and correct predictions.
 
     On CUDA (Adam/AdamW, no augmentation) the whole step, gather, forward, loss, backward and
-    optimizer, is captured once as a CUDA graph and replayed: at the course's batch of 32 a step
-    of this small CNN is ~100 kernel launches of a few microseconds each, so launching, not
-    arithmetic, would set the pace. Anything else (CPU, a short last batch) runs eagerly.
-    Set CXR_CUDA_GRAPHS=0 to turn graphs off.
+    optimizer, is captured as a CUDA graph and replayed (cxr.graphs), `steps` consecutive steps per
+    graph: at the course's batch of 32 a step of this small CNN is ~100 kernel launches of a few
+    microseconds each, so launching, not arithmetic, would set the pace. Anything else (CPU, a short
+    last batch) runs eagerly. Set CXR_CUDA_GRAPHS=0 to turn graphs off.
     """
 
-    def __init__(self, model, optimizer, spec: ExperimentSpec, x, y, generator, device: torch.device):
+    def __init__(self, model, optimizer, spec: ExperimentSpec, x, y, generator, device: torch.device,
+                 steps: int = 1):
         self.model, self.optimizer, self.spec, self.x, self.y, self.generator = model, optimizer, spec, x, y, generator
         self.loss = losses.get(spec.loss)
         self.class_weights = losses.balanced_class_weights(y) if spec.class_weight == "balanced" else None
         self.cuda = device.type == "cuda"
         self.loss_sum = torch.zeros((), device=device)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self.graph, self.static_idx = None, None
+        self.graphs: graphs.StepGraphs | None = None
         self.capture_error = None
-        if (self.cuda and spec.optimizer in ("adam", "adamw") and not augmenting(spec)
-                and os.environ.get("CXR_CUDA_GRAPHS", "1") != "0" and len(y) >= spec.batch_size):
+        if (graphs.available(device) and spec.optimizer in ("adam", "adamw") and not augmenting(spec)
+                and len(y) >= spec.batch_size):
             try:
-                self._capture()
+                self._capture(steps)
             except Exception as e:  # unsupported op or driver: train eagerly, say why
-                self.graph, self.capture_error = None, one_line(e)
+                self.graphs, self.capture_error = None, one_line(e)
+
+    @property
+    def steps(self) -> int:
+        """Optimizer steps per call that the fit loop may hand over at once (cxr.graphs.batches)."""
+        return self.graphs.steps if self.graphs is not None else 1
 
     def _body(self, idx) -> None:
         xb, yb = augment(self.x[idx], self.spec, self.generator), self.y[idx]
@@ -98,43 +105,29 @@ class TrainStep:
         self.correct += (self.loss.predict(logits) == yb).sum()
 
     def __call__(self, idx: torch.Tensor) -> None:
-        if self.graph is not None and len(idx) == len(self.static_idx):
-            self.static_idx.copy_(idx)
-            self.graph.replay()
-        else:
-            # graph mode keeps its gradient buffers (the graph reads them), so zero in place
-            self.optimizer.zero_grad(set_to_none=self.graph is None)
-            self._body(idx)
+        if self.graphs is not None and self.graphs.replay(idx, self.spec.batch_size):
+            return
+        # graph mode keeps its gradient buffers (the graph reads them), so zero in place
+        self.optimizer.zero_grad(set_to_none=self.graphs is None)
+        self._body(idx)
 
     def reset(self) -> None:
         self.loss_sum.zero_()
         self.correct.zero_()
 
-    def _capture(self) -> None:
-        snapshot = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.static_idx = torch.arange(self.spec.batch_size, device=self.y.device)
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        rest = len(self.y) % self.spec.batch_size  # the eager last batch: tune its shape here, not in epoch 1
-        with torch.cuda.stream(side):  # warm-up steps, as torch.cuda.graph requires
-            for idx in [self.static_idx] * 3 + ([self.static_idx[:rest]] if rest >= 2 else []):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._body(idx)
-        torch.cuda.current_stream().wait_stream(side)
-        self.optimizer.zero_grad(set_to_none=True)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._body(self.static_idx)
-        # Undo the warm-up steps: weights, BatchNorm statistics, Adam's moments and step count.
-        with torch.no_grad():
-            for k, v in self.model.state_dict().items():
-                v.copy_(snapshot[k])
-            for state in self.optimizer.state.values():
-                for v in state.values():
-                    if isinstance(v, torch.Tensor):
-                        v.zero_()
+    def _capture(self, steps: int) -> None:
+        saved = graphs.snapshot([self.model])
+        batch = self.spec.batch_size
+        static = torch.arange(batch, device=self.y.device)
+        rest = len(self.y) % batch  # the eager last batch: tune its shape here, not in epoch 1
+
+        def zero_grad() -> None:
+            self.optimizer.zero_grad(set_to_none=True)
+
+        graphs.warm_up(self._body, zero_grad, [static] * 3 + ([static[:rest]] if rest >= 2 else []))
+        self.graphs = graphs.StepGraphs(self._body, zero_grad, static, steps, len(self.y) // batch)
+        graphs.undo_warmup([self.model], saved, [self.optimizer])  # weights, statistics, Adam's state
         self.reset()
-        self.graph = graph
 
 
 def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str = "cpu",
@@ -162,10 +155,13 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
 
     result = Fit(status=record.OK)
     t_setup = time.perf_counter()
-    step = TrainStep(model, optimizer, spec, x_train, y_train, generator, device)
+    scheduled = spec.schedule != "none" or bool(spec.warmup_epochs)
+    steps = graphs.steps_per_graph(n // spec.batch_size, between_steps=scheduled or ema is not None)
+    step = TrainStep(model, optimizer, spec, x_train, y_train, generator, device, steps)
     synchronize(device)
     result.setup_seconds = time.perf_counter() - t_setup
-    result.cuda_graph = step.graph is not None
+    result.cuda_graph = step.graphs is not None
+    result.graph_steps = step.steps if result.cuda_graph else None
     result.capture_error = step.capture_error
     best_value, best_state = None, None
     show = sys.stderr.isatty() if progress is None else progress
@@ -177,16 +173,13 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
         lr_now = spec.lr * lr_factor(spec, n_step, steps_per_epoch)
         step.reset()
         perm = torch.randperm(n, device=device, generator=generator)
-        for i in range(0, n, spec.batch_size):
-            idx = perm[i:i + spec.batch_size]
-            if len(idx) < 2:  # a 1-image batch breaks BatchNorm statistics
-                continue
-            if spec.schedule != "none" or spec.warmup_epochs:
+        for idx in graphs.batches(perm, spec.batch_size, step.steps):  # step.steps > 1: nothing between steps
+            if scheduled:
                 set_lr(optimizer, spec.lr * lr_factor(spec, n_step, steps_per_epoch))
             step(idx)
             if ema is not None:
                 ema.update_parameters(model)
-            n_step += 1
+            n_step += -(-len(idx) // spec.batch_size)
             result.train_images += len(idx)
         if result.train_images == 0:  # every batch had one image: nothing was learnt, so nothing to store as ok
             raise ValueError(f"no batch of at least 2 images in an epoch ({n} training images, batch size "
@@ -213,7 +206,7 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
         result.history.append(row)
         value = {"loss": val["loss"], "accuracy": val["accuracy"], "auroc": val["auroc"] or 0.0,
                  "last": 0.0}[spec.select]
-        if _is_better(spec, value, best_value):
+        if is_better(spec, value, best_value):
             best_value, result.best_epoch = value, epoch
             best_state = copy.deepcopy(evaluated.state_dict())
         bar.set_postfix(loss=f"{train_loss:.4f}", val_acc=f"{val['accuracy']:.3f}")
@@ -270,14 +263,14 @@ def train_unit(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torc
     one fusion key together (cxr.fused.fit_group). Data errors propagate (they concern every run); any
     other exception makes the runs it hit status "failed" with a one-line error."""
     dev = resolve_device(device)
-    recs = [_new_record(s, data, dev) for s in specs]
+    recs = [new_record(s, data, dev) for s in specs]
     try:
         fits = fused.fit_group(specs, data, dev, progress, kernel) if len(specs) > 1 else \
             [fit(specs[0], data, dev, progress)]
     except (KeyboardInterrupt, data_mod.DataError):
         raise
     except Exception as e:  # a crashed run is recorded, and the sweep goes on
-        return [Trained(_failed(rec, e)) for rec in recs]
+        return [Trained(failed_record(rec, e)) for rec in recs]
     logits = {}
     if fits[0].fused_kernel == "grouped":  # val and test of every plain-decision member in one batched forward
         batch = [(i, f.model) for i, f in enumerate(fits) if f.status == record.OK and not recs[i].decision["tta"]]
@@ -291,7 +284,8 @@ def train_unit(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torc
             for i, (spec, rec, fitted) in enumerate(zip(specs, recs, fits, strict=True))]
 
 
-def _new_record(spec: ExperimentSpec, data: data_mod.Dataset, dev: torch.device) -> RunRecord:
+def new_record(spec: ExperimentSpec, data: data_mod.Dataset, dev: torch.device) -> RunRecord:
+    """The record of a run about to train: status failed until its training finishes (cxr.cluster too)."""
     return RunRecord(id=spec.id, seed=spec.seed, spec=spec.to_dict(), spec_hash=spec.spec_hash(),
                      identity=identity(spec, data), data_fingerprint=dict(data.fingerprint),
                      training_version=TRAINING_VERSION, status=record.FAILED,
@@ -299,7 +293,8 @@ def _new_record(spec: ExperimentSpec, data: data_mod.Dataset, dev: torch.device)
                      decision=Decision.of(spec, data.train.y).to_dict())
 
 
-def _failed(rec: RunRecord, e: BaseException) -> RunRecord:
+def failed_record(rec: RunRecord, e: BaseException) -> RunRecord:
+    """`rec` as a failed run: the error in one line, no metrics or weights (the next run retries it)."""
     return dataclasses.replace(rec, status=record.FAILED, error=one_line(e), metrics=None, predictions=None,
                                weights=None, environment={**rec.environment, "finished_at": now()})
 
@@ -313,6 +308,8 @@ def _finish(spec: ExperimentSpec, rec: RunRecord, fitted: Fit, data: data_mod.Da
                   "images_per_second": round(fitted.train_images / max(fitted.train_seconds, 1e-9), 1),
                   "eval_seconds": None, "setup_seconds": round(fitted.setup_seconds, 3),
                   "cuda_graph": fitted.cuda_graph}
+        if fitted.graph_steps:
+            timing["graph_steps"] = fitted.graph_steps
         if fitted.capture_error:
             timing["cuda_graph_error"] = fitted.capture_error
         if fitted.fused_with is not None:
@@ -334,7 +331,7 @@ def _finish(spec: ExperimentSpec, rec: RunRecord, fitted: Fit, data: data_mod.Da
     except (KeyboardInterrupt, data_mod.DataError):
         raise
     except Exception as e:
-        return Trained(_failed(rec, e))
+        return Trained(failed_record(rec, e))
     return Trained(dataclasses.replace(rec, environment={**rec.environment, "finished_at": now()}), state)
 
 
@@ -348,7 +345,7 @@ def store(out: str | Path, spec: ExperimentSpec, trained: Trained, previous: Run
             wpath = results.save_weights(results.weights_path(out, spec), trained.state)
             rec = dataclasses.replace(rec, weights=wpath.relative_to(Path(out)).as_posix())
         except (OSError, CxrError) as e:
-            rec = _failed(rec, e)
+            rec = failed_record(rec, e)
     if rec.ok or previous is None or previous.status == record.FAILED or \
             (previous.status == record.DIVERGED and rec.status == record.DIVERGED):
         results.write(out, rec)
@@ -392,7 +389,7 @@ def run_group(specs: list[ExperimentSpec], out: str | Path = "results", device: 
         todo, twins, first = [], [], {}
         for i, spec in enumerate(specs):
             ident = identity(spec, data)
-            if not rerun and (served := _serve(out, spec, ident)) is not None:
+            if not rerun and (served := serve(out, spec, ident)) is not None:
                 done[i] = served
                 continue
             try:
@@ -400,7 +397,7 @@ def run_group(specs: list[ExperimentSpec], out: str | Path = "results", device: 
             except results.Claimed as e:
                 done[i] = e
                 continue
-            if not rerun and (served := _serve(out, spec, ident)) is not None:  # finished by another process
+            if not rerun and (served := serve(out, spec, ident)) is not None:  # finished by another process
                 done[i] = served
             elif ident in first:
                 twins.append(i)
@@ -413,8 +410,8 @@ def run_group(specs: list[ExperimentSpec], out: str | Path = "results", device: 
             done[i] = store(out, specs[i], t, previous[i])
         for i in twins:  # a copy of its twin's result when that one is served; else trained on its own
             spec = specs[i]
-            served = _serve(out, spec, identity(spec, data)) if not rerun else \
-                _copy_twin(out, spec, done[first[identity(spec, data)]])
+            served = serve(out, spec, identity(spec, data)) if not rerun else \
+                copy_twin(out, spec, done[first[identity(spec, data)]])
             if served is None:
                 prev = results.stored(out, spec)
                 served = store(out, spec, train_unit([spec], data, dev, progress)[0], prev)
@@ -422,7 +419,7 @@ def run_group(specs: list[ExperimentSpec], out: str | Path = "results", device: 
     return done
 
 
-def _copy_twin(out: str | Path, spec: ExperimentSpec, twin: RunRecord) -> RunRecord | None:
+def copy_twin(out: str | Path, spec: ExperimentSpec, twin: RunRecord) -> RunRecord | None:
     """Under --rerun, the twin trained just now (same identity) is this run's result too."""
     if not results.serves(twin, twin.identity):
         return None
@@ -430,7 +427,9 @@ def _copy_twin(out: str | Path, spec: ExperimentSpec, twin: RunRecord) -> RunRec
     return dataclasses.replace(found, cached=True) if found is not None else None
 
 
-def _serve(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | None:
+def serve(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | None:
+    """The stored result that `spec` (identity `ident`) may reuse, marked cached, or None; a stored run of
+    this id and seed with another recipe raises results.StoreConflict."""
     old = results.stored(out, spec)  # read once: what conflicts is also what would be served
     why = conflict(out, spec, ident, old)
     if why:

@@ -4,8 +4,8 @@
 #   CXR_OUT    output directory (default /out): runs/, benchmark.json, report.md, figures/
 #   CXR_DATA   data source (default: pneumoniamnist when $CXR_DATA_DIR/pneumoniamnist.npz exists,
 #              as in an image built with FETCH_PNEUMONIAMNIST=1; synthetic otherwise)
-#   CXR_QUICK  quick mode (--epochs 1 --seeds 1) when 1, true, yes or on; off when 0, false, no, off
-#              or empty (any case); anything else is refused
+#   CXR_QUICK  quick mode (--epochs 1 --seeds 1 --throughput-images 128) when 1, true, yes or on;
+#              off when 0, false, no, off or empty (any case); anything else is refused
 #   arguments  passed to pytest, after the ones above (so they win): -k ce, --device cpu, ...
 #              --out DIR, --benchmark-json FILE and --data SOURCE are taken by the entrypoint itself
 #              (they override CXR_OUT, $CXR_OUT/benchmark.json and CXR_DATA), so that the report
@@ -83,7 +83,7 @@ done
 
 quick_setting="${CXR_QUICK:-}"
 case "${quick_setting,,}" in
-    1|true|yes|on) quick=(--epochs 1 --seeds 1) ;;
+    1|true|yes|on) quick=(--epochs 1 --seeds 1 --throughput-images 128) ;;
     0|false|no|off|"") quick=() ;;
     *) fail "CXR_QUICK=$quick_setting: use 1, true, yes or on for quick mode; 0, false, no, off or unset for the full suite" ;;
 esac

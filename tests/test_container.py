@@ -257,7 +257,8 @@ def test_entrypoint_passes_output_data_and_arguments_to_pytest(stubs):
     out = env["CXR_OUT"]
     assert (log / "pytest.args").read_text().splitlines() == [
         "benchmarks", "-p", "no:cacheprovider", f"--out={out}", "--data=synthetic",
-        f"--benchmark-json={out}/benchmark.json", "--epochs", "1", "--seeds", "1", "-k", "ce and lr0.001"]
+        f"--benchmark-json={out}/benchmark.json", "--epochs", "1", "--seeds", "1", "--throughput-images", "128",
+        "-k", "ce and lr0.001"]
     assert (log / "cxr-bench.args").read_text().splitlines() == ["report", out, "--out", f"{out}/report.md"]
     assert f"report written to {out}/report.md" in result.stdout
 
@@ -333,7 +334,7 @@ def test_entrypoint_quick_mode_words(stubs, value, quick):
         env = {**env, "CXR_QUICK": value}
     assert run_entrypoint(env).returncode == 0
     args = (log / "pytest.args").read_text().splitlines()
-    assert (args[-4:] == ["--epochs", "1", "--seeds", "1"]) is quick
+    assert (args[-6:] == ["--epochs", "1", "--seeds", "1", "--throughput-images", "128"]) is quick
     assert ("--epochs" in args) is quick
 
 

@@ -83,7 +83,7 @@ def test_first_step_loss_matches_the_lone_run(tiny_data, kernel):
     x, y, dev = tiny_data.train.x, tiny_data.train.y, torch.device("cpu")
     members = [fused.Member(s, tiny_data, y, dev) for s in MIXED]
     perms = torch.stack([torch.randperm(len(y), generator=mb.generator) for mb in members])
-    step = fused.FusedStep(members, x, y, dev, SPEC.batch_size, graphs=False, kernel=kernel)
+    step = fused.FusedStep(members, x, y, dev, SPEC.batch_size, graphed=False, kernel=kernel)
     step(perms[:, :SPEC.batch_size])
     fused_losses = (step.loss_sum / SPEC.batch_size).tolist()
     for spec, got in zip(MIXED, fused_losses, strict=True):

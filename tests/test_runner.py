@@ -159,6 +159,14 @@ def test_bad_options_are_usage_errors(pytester, spec_dir, args, message):
     assert message in result.stderr.str()
 
 
+def test_a_bad_graph_steps_setting_is_a_usage_error(pytester, spec_dir, monkeypatch):
+    monkeypatch.setenv("CXR_GRAPH_STEPS", "0")
+    result = pytester.runpytest_inprocess(BENCHMARKS, "--collect-only", "-p", "no:cacheprovider",
+                                          "--specs", str(spec_dir))
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert "CXR_GRAPH_STEPS='0': expected a positive integer or 'epoch'" in result.stderr.str()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA GPU")
 def test_device_cuda_without_a_gpu_is_a_usage_error(pytester, spec_dir):
     result = pytester.runpytest_inprocess(BENCHMARKS, "--collect-only", "-p", "no:cacheprovider",
