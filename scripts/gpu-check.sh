@@ -39,33 +39,7 @@ print(f"import torch {t1 - t0:.2f} s, CUDA context {t2 - t1:.2f} s")'
 step suite-fused cxr-bench run --device cuda --out "$out/default-fused"
 step suite-alone cxr-bench run --device cuda --no-fuse --out "$out/default-alone"
 step suite-epoch-graphs env CXR_GRAPH_STEPS=epoch cxr-bench run --device cuda --out "$out/default-epoch-graphs"
-step suite-times python3 - "$out/default-fused" "$out/default-alone" "$out/default-epoch-graphs" <<'PY'
-import json, sys
-from pathlib import Path
-for store in sys.argv[1:]:
-    # Where a run's time goes, from its record: setup (autotuning warm-up, graph capture), the training
-    # loop, validation every epoch (the epochs' seconds less training) and the final val + test
-    # evaluation. A fused group's setup and training are counted once; the rest of the command's wall
-    # time (printed by the step above) is start-up, data loading and the store.
-    recs = [json.loads(p.read_text()) for p in Path(store).glob("runs/*/seed-*.json")]
-    fresh = [r for r in recs if not r["reused_from"]]
-    units, validation, evaluation = {}, 0.0, 0.0
-    for r in fresh:
-        t = r["timing"] or {}
-        key = frozenset([f"{r['id']}-seed{r['seed']}", *(t.get("fused_with") or [])])
-        train, setup = t.get("train_seconds") or 0, t.get("setup_seconds") or 0
-        old = units.get(key, (0, 0))
-        units[key] = (max(old[0], setup), max(old[1], train))
-        epochs = sum(h.get("seconds") or 0 for h in r["history"] or [])
-        validation += max(0.0, epochs - train)  # a fused member's epochs hold its own share of validation
-        evaluation += t.get("eval_seconds") or 0
-    setup = sum(u[0] for u in units.values())
-    train = sum(u[1] for u in units.values())
-    steps = sorted({(r["timing"] or {}).get("graph_steps") for r in fresh} - {None})
-    print(f"{store}: {len(recs)} runs, {len(fresh)} trained in {len(units)} units (graph steps {steps}); "
-          f"setup {setup:.1f} s, training {train:.1f} s, validation {validation:.1f} s, final evaluation "
-          f"{evaluation:.1f} s; training + evaluation {train + evaluation:.1f} s")
-PY
+step suite-times python3 scripts/suite-split.py "$out/default-fused" "$out/default-alone" "$out/default-epoch-graphs"
 step report cxr-bench report "$out/suite" --out "$out/suite/report.md" \
     --benchmark-json "$out/suite/benchmark.json"
 step throughput pytest benchmarks/test_throughput.py -p no:cacheprovider --device cuda \

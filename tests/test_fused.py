@@ -201,6 +201,17 @@ def _spec_file(tmp_path, extra=""):
     return path
 
 
+def _suite_split(store):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "scripts" / "suite-split.py"
+    spec = importlib.util.spec_from_file_location("suite_split", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.split(store)
+
+
 def test_cxr_bench_run_fuses_by_default_and_stores_ordinary_results(tmp_path, capsys):
     from tests.conftest import learnable_npz
 
@@ -220,6 +231,14 @@ def test_cxr_bench_run_fuses_by_default_and_stores_ordinary_results(tmp_path, ca
         assert "fused_with" not in alone["timing"]
         assert rec["identity"] == alone["identity"]
         assert rec["metrics"] == alone["metrics"]  # the CPU's loop kernel is the lone run exactly
+    # scripts/suite-split.py (gpu-check's time split) counts the group's training once
+    fused_split, alone_split = (_suite_split(tmp_path / d) for d in ("fused", "alone"))
+    assert (fused_split["trained"], fused_split["units"], alone_split["units"]) == (4, 1, 4)
+    one = json.loads(next((tmp_path / "fused" / "runs").glob("*/seed-*.json")).read_text())["timing"]
+    assert fused_split["training"] == one["train_seconds"]
+    assert alone_split["training"] == pytest.approx(sum(
+        json.loads(p.read_text())["timing"]["train_seconds"] for p in (tmp_path / "alone" / "runs").glob("*/*.json")))
+    assert fused_split["validation"] > 0 and alone_split["evaluation"] > 0
     # a selection that takes part of a group fuses only what it took
     assert cli.main([*base, "--out", str(tmp_path / "part"), "-k", "lr0.01"]) == 0
     part = [json.loads(p.read_text()) for p in (tmp_path / "part" / "runs").glob("*/seed-*.json")]

@@ -624,7 +624,10 @@ def test_benchmark_timings_table(tmp_path):
                                             "images_per_second": 1234.5, "history": [1, 2]}},
                             {"name": "test_training_throughput[bs32]",
                              "stats": {"mean": 3.0, "rounds": 1},
-                             "extra_info": {"batch_size": 32, "ratio": 7.3}}]}
+                             "extra_info": {"batch_size": 32, "ratio": 7.3, "cuda_only": None}},
+                            {"name": "test_training_throughput[bs64]",
+                             "stats": {"mean": 2.0, "rounds": 1},
+                             "extra_info": {"batch_size": 64, "ratio": 7.9, "cuda_only": None}}]}
     path = tmp_path / "bench.json"
     path.write_text(json.dumps(bench))
     out = report.render(partial_suite(tmp_path / "results"), benchmark_json=path, figures=False)
@@ -633,7 +636,8 @@ def test_benchmark_timings_table(tmp_path):
     assert "| Benchmark | Rounds | Wall time, s | status | train_seconds | images_per_second |" in text
     assert "| `test_run[loss-bce-lr0.001-bs32-seed0]` | 1 | 12.3 | ok | 11.5 | 1,234 |" in text
     # a benchmark with other extra_info keys gets its own table, not extra columns in the first
-    assert "| Benchmark | Rounds | Wall time, s | batch_size | ratio |" in text
+    assert "| Benchmark | Rounds | Wall time, s | batch_size | ratio |" in text  # cuda_only: None in every row
+    assert "cuda_only" not in text
     assert text.count("| Benchmark | Rounds |") == 2
     path.write_text("{}")
     with pytest.raises(report.ReportError, match=r"bench.json: not a pytest-benchmark JSON file"):

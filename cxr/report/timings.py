@@ -26,6 +26,11 @@ def benchmarks(path: str | Path) -> dict:
         table = tables.setdefault(columns, {"columns": list(columns), "rows": []})
         table["rows"].append({"name": b.get("name", "?"), "rounds": (b.get("stats") or {}).get("rounds"),
                               "mean": (b.get("stats") or {}).get("mean"), "extra": [extra.get(k) for k in columns]})
+    for table in tables.values():  # a column empty in every row (e.g. a CUDA-only figure on a CPU) says nothing
+        keep = [i for i in range(len(table["columns"])) if any(r["extra"][i] is not None for r in table["rows"])]
+        table["columns"] = [table["columns"][i] for i in keep]
+        for r in table["rows"]:
+            r["extra"] = [r["extra"][i] for i in keep]
     machine = doc.get("machine_info") or {}
     cpu = (machine.get("cpu") or {}).get("brand_raw") if isinstance(machine.get("cpu"), dict) else None
     return {"file": path.name, "datetime": doc.get("datetime"), "cpu": cpu,
