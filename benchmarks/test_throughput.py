@@ -13,6 +13,9 @@ after a warm-up of a few batches and as the best of 3 timed repeats (a shared ma
 - evaluation: `cxr.evaluate.predict_logits` vs the course's no_grad DataLoader loop with argmax,
   at the same batch size.
 
+Fused groups (test_fused_throughput): a group trained at once by each cxr.fused kernel, and by torch.func's
+vmap over stacked models, against its runs one after another and the course loop.
+
 MFU (model FLOP utilisation) = model FLOPs per image (x3 for a training step: forward and
 backward) x images/s / the device's peak, measured here by timing a matmul (2048x2048 float32 on
 CPU, 8192x8192 bfloat16 on CUDA). On CUDA every clock stops after torch.cuda.synchronize.
@@ -27,6 +30,7 @@ import time
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -259,6 +263,44 @@ def activation_bytes(image_size: int, element_bytes: int) -> int:
 STREAMS_PER_TRAINING_IMAGE = 5
 
 
+def vmap_rate(specs: list[ExperimentSpec], train: data_mod.Split, device: torch.device) -> float:
+    """Aggregate training images/s of one epoch of the group's step batched by torch.func instead: the
+    members' parameters and BatchNorm buffers stacked (stack_module_state), one vmap of functional_call
+    over (member, its own batch), one backward of the summed losses, one torch Adam over the stacked
+    parameters, eagerly (no CUDA graph). The issue's other way to batch models; measured, not an engine
+    kernel (vmap's convolution rule is itself a grouped convolution). One lr for the stack: per-member
+    learning rates would take a stacked Adam of one's own, at the same arithmetic."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    models = []
+    for s in specs:
+        torch.manual_seed(s.seed)
+        models.append(build_model(s.model, s.num_outputs, s.width).to(device).train())
+    params, buffers = stack_module_state(models)
+    shape = build_model(specs[0].model, specs[0].num_outputs, specs[0].width).to("meta").train()
+    optimizer = torch.optim.Adam(params.values(), lr=specs[0].lr)
+    x, y = train.x.to(device), train.y.to(device)
+    m, n, batch = len(specs), len(train.y), specs[0].batch_size
+    generator = torch.Generator(device=device).manual_seed(0)
+    perm = torch.stack([torch.randperm(n, device=device, generator=generator) for _ in range(m)])
+
+    def one(p, b, xb):
+        return functional_call(shape, (p, b), (xb,))
+
+    synchronize(device)
+    t0 = time.perf_counter()
+    for i in range(0, n - batch + 1, batch):  # full batches
+        idx = perm[:, i:i + batch]
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = vmap(one)(params, buffers, x[idx])  # (M, B, 2)
+        losses = F.cross_entropy(logits.float().flatten(0, 1), y[idx].flatten(), reduction="none").view(m, -1)
+        optimizer.zero_grad(set_to_none=True)
+        losses.mean(1).sum().backward()
+        optimizer.step()
+    synchronize(device)
+    return m * (n // batch) * batch / (time.perf_counter() - t0)
+
+
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=lambda b: f"batch{b}")
 @pytest.mark.parametrize("members", FUSED_MEMBERS, ids=lambda m: f"members{m}")
 def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidth, fused_rows, monkeypatch):
@@ -292,12 +334,14 @@ def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidt
     fit(specs[0], warm, device, progress=False)
     for kernel in KERNELS:
         fit_group(specs[:2], warm, device, progress=False, kernel=kernel)
-    rates = {"sequential": [], **{k: [] for k in KERNELS}}
+    vmap_rate(specs[:2], warm.train, device)
+    rates = {"sequential": [], **{k: [] for k in KERNELS}, "vmap": []}
 
     def one_round():  # the measured runs, interleaved so that a slow moment of the machine hits each alike
         rates["sequential"].append(sequential())
         for kernel in KERNELS:
             rates[kernel].append(fused(kernel))
+        rates["vmap"].append(vmap_rate(specs, train, device))
 
     benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     best = {k: max(v) for k, v in rates.items()}
@@ -324,6 +368,7 @@ def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidt
         "fused_vs_sequential": round(best[default] / best["sequential"], 3),
         "grouped_vs_sequential": round(best["grouped"] / best["sequential"], 3),
         "loop_vs_sequential": round(best["loop"] / best["sequential"], 3),
+        "vmap_ips": round(best["vmap"], 1), "vmap_vs_sequential": round(best["vmap"] / best["sequential"], 3),
         "fused_vs_course": round(best[default] / course, 3),
         "bytes_per_training_image": per_image, "bandwidth_gbs": round(bandwidth / 1e9, 1),
         "roofline_fraction": round(best[default] / roofline, 4),

@@ -278,12 +278,13 @@ def test_fused_throughput_reports_each_kernel_against_sequential(pytester, tmp_p
     result.stdout.fnmatch_lines(["*cxr-bench fused training: a group at once (cxr.fused) vs its runs one after*",
                                  "*64 images per member and pass*default kernel loop",
                                  "memory roofline: * GB/s measured / * bytes per training image*",
-                                 "      3    32 * *x *x *x *%"])
+                                 "      3    32 * *x *x *x *x *%"])
     (row,) = [b["extra_info"] for b in json.loads((tmp_path / "f.json").read_text())["benchmarks"]]
     assert row["members"] == 3 and row["batch_size"] == 32 and row["images_per_member"] == 64
     assert row["loop_vs_sequential"] == pytest.approx(row["loop_ips"] / row["sequential_ips"], rel=1e-2)
     assert row["fused_vs_sequential"] == row["loop_vs_sequential"]  # the CPU's default kernel
     assert row["grouped_ips"] > 0 and row["course_ips"] > 0 and 0 < row["roofline_fraction"] < 1
+    assert row["vmap_vs_sequential"] == pytest.approx(row["vmap_ips"] / row["sequential_ips"], rel=1e-2)
     assert row["bytes_per_training_image"] > 0 and row["bandwidth_gbs"] > 0
 
 
