@@ -7,6 +7,7 @@
 # replay (CXR_GRAPH_STEPS=epoch), and where a run's time goes. Under 10 minutes on one modern GPU.
 # Every step runs even when an earlier one fails; the exit status is non-zero when any step failed.
 #   scripts/gpu-check.sh [OUT_DIR]        (default: a fresh temporary directory)
+#   STEP_TIMEOUT=240                      seconds any one step may take
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
@@ -20,8 +21,8 @@ step() {
     shift
     echo
     echo "=== $name: $*"
-    "$@" || status=$?
-    echo "=== $name: exit $status, $((SECONDS - start)) s"
+    timeout "${STEP_TIMEOUT:-240}" "$@" || status=$?  # a hung step must not take the others' time
+    echo "=== $name: exit $status$([ "$status" = 124 ] && echo " (timed out)"), $((SECONDS - start)) s"
     steps+=("$name")
     statuses+=("$status")
 }
