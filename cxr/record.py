@@ -125,6 +125,22 @@ class RunRecord:
     def timing_of(self, key: str) -> Any:
         return (self.timing or {}).get(key)
 
+    @property
+    def group_size(self) -> int:
+        """How many runs trained at once with this one, itself included (1 unless fused: timing.fused_with)."""
+        return 1 + len(self.timing_of("fused_with") or [])
+
+    def own_train_seconds(self) -> float | None:
+        """This run's training time: a fused run's equal share of its group's time, which its
+        timing.train_seconds holds; None when not recorded."""
+        seconds = self.timing_of("train_seconds")
+        return None if seconds is None else seconds / self.group_size
+
+    def own_images_per_second(self) -> float | None:
+        """Training images/s over own_train_seconds: comparable between fused and lone runs."""
+        rate = self.timing_of("images_per_second")
+        return None if rate is None else rate * self.group_size
+
     def final(self, key: str) -> Any:
         """`key` of the last epoch in `history`, or None."""
         return self.history[-1].get(key) if self.history else None

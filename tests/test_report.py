@@ -945,3 +945,28 @@ def test_a_fused_group_counts_its_training_time_once():
     rows = dict(run_info(fused)["rows"])
     assert rows["Total time"].startswith("7.6 s of training and evaluation over 3 runs")  # 7.0 once + 3 x 0.2
     assert rows["Runs"].endswith("; 3 trained in 1 fused group")
+
+
+def test_a_fused_run_shows_its_share_of_the_group_time(tmp_path):
+    """A fused run's timing.train_seconds is its group's time: the setting tables show each run's equal
+    share, and images/s over that share, comparable with lone runs; the text says so."""
+    import dataclasses
+
+    runs = [fabricate({"name": "lr", "lr": lr}, TASK_LR, 0, index=i) for i, lr in enumerate((0.001, 0.01, 0.1))]
+    ids = [r.run_id for r in runs]
+    lone_rate = runs[0].timing_of("images_per_second")
+    fused = [dataclasses.replace(r, timing={**r.timing, "train_seconds": 18.0, "images_per_second": lone_rate / 3,
+                                            "fused_with": [i for i in ids if i != r.run_id]}) for r in runs]
+    assert [r.own_train_seconds() for r in fused] == [6.0] * 3 and fused[0].group_size == 3
+    assert fused[0].own_images_per_second() == pytest.approx(lone_rate)
+    text = report.render(write_runs(tmp_path / "fused", fused), figures=False).read_text()
+    assert "counts an equal share of its group's training time" in text
+    assert "| 18.0 |" not in text and "trained in a fused group of 3" in text
+    lone = report.render(write_runs(tmp_path / "lone", runs), figures=False).read_text()
+    assert "equal share" not in lone and "fused group" not in lone
+    # the same setting rows (train time and images/s) as the lone runs that took as long each
+    def timing_rows(doc):
+        return [line for line in doc.splitlines() if line.startswith("| learning rate ") and " of 4 |" in line]
+
+    assert len(timing_rows(text)) == 3 and timing_rows(text) == timing_rows(lone)
+    assert timing_rows(text)[0].endswith("| 6.0 | 900 |")

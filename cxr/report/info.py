@@ -109,8 +109,10 @@ def run_rows(comps: list[Comparison]) -> list[dict]:
     rows = []
     for r in (r for c in comps for s in c.settings for r in s.runs):
         note = r.error or (f"same recipe as `{r.reused_from}`: its result reused" if r.reused_from else "")
+        if r.group_size > 1 and not r.reused_from:
+            note = "; ".join(filter(None, [note, f"trained in a fused group of {r.group_size}"]))
         rows.append({"id": r.id, "seed": r.seed, "status": r.status, "note": note,
                      "accuracy": r.test("accuracy"), "auroc": r.test("auroc"),
                      "best_epoch": "n/a" if r.best_epoch is None else f"{r.best_epoch} of {r.spec['epochs']}",
-                     "train_seconds": r.timing_of("train_seconds")})
+                     "train_seconds": r.own_train_seconds()})
     return rows

@@ -150,6 +150,11 @@ class Comparison:
         return sum(len(s.runs) for s in self.settings)
 
     @property
+    def fused(self) -> bool:
+        """Whether a finished run of these settings trained in a fused group (its train time is a share)."""
+        return any(r.group_size > 1 for s in self.settings for r in s.ok)
+
+    @property
     def runs_text(self) -> str:
         return _status_counts(sum(len(s.ok) for s in self.settings), sum(s.n_diverged for s in self.settings),
                               sum(s.n_failed for s in self.settings))
@@ -171,8 +176,8 @@ def _setting(sweep: tuple, values: tuple, runs: list[RunRecord], note: str = "")
         sensitivity=stats.mean_std_ci([r.test("sensitivity") for r in ok], bounds=UNIT),
         specificity=stats.mean_std_ci([r.test("specificity") for r in ok], bounds=UNIT),
         train_loss=stats.mean_std_ci([r.final("train_loss") for r in ok]),
-        train_seconds=stats.mean_std_ci([r.timing_of("train_seconds") for r in ok]),
-        images_per_second=stats.mean_std_ci([r.timing_of("images_per_second") for r in ok]),
+        train_seconds=stats.mean_std_ci([r.own_train_seconds() for r in ok]),
+        images_per_second=stats.mean_std_ci([r.own_images_per_second() for r in ok]),
         best_epochs=best_epochs,
         n_diverged=sum(r.status == DIVERGED for r in runs),
         n_failed=sum(r.status == FAILED for r in runs),
