@@ -92,14 +92,15 @@ def _run_line(i: int, n: int, s: spec_mod.ExperimentSpec, r) -> str:
 
     if isinstance(r, results.Claimed):  # another process trains it: its result lands in the same store
         return f"[{i}/{n}] {s.run_id:<36} {'busy':<8}  ({r})"
-    where = ("reused" if r.reused_from else "stored") if r.cached else f"{r.timing_of('train_seconds') or 0:.1f}s"
+    where = ("reused" if r.reused_from else "stored") if r.cached else f"{r.own_train_seconds() or 0:.1f}s"
     line = f"[{i}/{n}] {s.run_id:<36} {r.status:<8} {where:>8}"
     if r.test("accuracy") is not None:
         auroc = r.test("auroc")
         line += (f"  test acc {pct(r.test('accuracy'))}  AUROC "
                  f"{'n/a' if auroc is None else format(auroc, '.4f')}  best epoch {r.best_epoch}")
     if not r.cached and r.timing_of("fused_with"):
-        line += f"  (fused with {len(r.timing_of('fused_with'))} other runs)"
+        line += (f"  (fused with {len(r.timing_of('fused_with'))} other runs; its share of the group's "
+                 f"{r.timing_of('train_seconds') or 0:.1f}s)")
     if r.error:
         line += f"  ({r.error})"
     return line

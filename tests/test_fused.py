@@ -7,6 +7,7 @@ deterministic CPU training. Both kernels are tested here on the CPU: "grouped" (
 from __future__ import annotations
 
 import json
+import re
 import statistics
 from dataclasses import replace
 
@@ -219,7 +220,12 @@ def test_cxr_bench_run_fuses_by_default_and_stores_ordinary_results(tmp_path, ca
     base = ["run", str(_spec_file(tmp_path)), "--data", f"npz:{npz}"]
     assert cli.main([*base, "--out", str(tmp_path / "fused")]) == 0
     out = capsys.readouterr().out
-    assert "4 runs ->" in out and "4 of them in 1 fused group" in out and "(fused with 3 other runs)" in out
+    assert "4 runs ->" in out and "4 of them in 1 fused group" in out
+    lines = [line for line in out.splitlines() if "(fused with 3 other runs; its share of the group's " in line]
+    assert len(lines) == 4
+    for line in lines:  # the run's own time is a quarter of the group's
+        own, group = (float(t) for t in re.findall(r"(\d+\.\d)s\b", line))
+        assert own == pytest.approx(group / 4, abs=0.06)
     assert cli.main([*base, "--out", str(tmp_path / "alone"), "--no-fuse"]) == 0
     assert "fused" not in capsys.readouterr().out
     files = sorted(p.relative_to(tmp_path / "fused") for p in (tmp_path / "fused").rglob("*") if p.is_file())
