@@ -194,7 +194,8 @@ class Member:
 class FusedStep:
     """One optimizer step of every active member, each on its own batch x[idx[k]], with running sums of
     each member's loss and correct predictions. On CUDA (all members Adam/AdamW, no augmentation) the
-    whole fused step is captured once as a CUDA graph and replayed, as cxr.train.TrainStep does."""
+    whole fused step is captured as a CUDA graph, `steps` consecutive steps per graph (cxr.graphs), and
+    replayed, as cxr.train.TrainStep does."""
 
     def __init__(self, members: list[Member], x: torch.Tensor, y: torch.Tensor, device: torch.device,
                  batch_size: int, graphed: bool, kernel: str, steps: int = 1):
