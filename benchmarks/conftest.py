@@ -76,6 +76,7 @@ class Settings:
     rerun: bool
     fuse: bool  # train compatible runs as fused groups (cxr.fused); --no-fuse: each alone
     throughput_images: int | None  # None: the default of test_throughput.py
+    throughput_rounds: int | None = None  # timed rounds of each fused-throughput case; None: its default
 
 
 SETTINGS = pytest.StashKey[Settings]()
@@ -102,6 +103,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="train every run alone (default: compatible runs train as one fused group, cxr.fused)")
     group.addoption("--throughput-images", type=int, metavar="N",
                     help="images per timed throughput pass (default: 2048 on CPU, 16384 on CUDA)")
+    group.addoption("--throughput-rounds", type=int, metavar="N",
+                    help="timed rounds of each fused-throughput case (default 3); from 5 on, the median "
+                         "round's fused/sequential ratio gets a bootstrap 95%% interval")
 
 
 def _settings(config: pytest.Config) -> Settings:
@@ -117,6 +121,9 @@ def _settings(config: pytest.Config) -> Settings:
         raise pytest.UsageError(str(e)) from None
     if images is not None and images < 2:
         raise pytest.UsageError(f"--throughput-images {images}: expected an integer >= 2")
+    rounds = config.getoption("throughput_rounds")
+    if rounds is not None and rounds < 1:
+        raise pytest.UsageError(f"--throughput-rounds {rounds}: expected an integer >= 1")
     out = here / config.getoption("out")
     if not config.option.collectonly:  # fail before any case trains, not at the first store
         try:
@@ -124,7 +131,7 @@ def _settings(config: pytest.Config) -> Settings:
         except CxrError as e:
             raise pytest.UsageError(str(e)) from None
     return Settings(tuple(specs), paths, out, device, config.getoption("rerun"), not config.getoption("no_fuse"),
-                    images)
+                    images, rounds)
 
 
 _CONFIG: dict = {}  # the session's config, for pytest_runtest_logreport (which is not given it)
@@ -468,6 +475,12 @@ def _fused_table(tr, rows: list[dict]) -> None:
                       f"{100 * r['roofline_fraction']:>7.2f}%")
     tr.write_line("vmap: torch.func's stacked models (one vmap of functional_call, one Adam over the stacked "
                   "parameters, eager), measured beside the engine's kernels")
+    if any(r.get("fused_vs_sequential_ci_low") is not None for r in rows):
+        tr.write_line(f"default kernel / sequential, round by round (the two side by side in each of "
+                      f"{first['rounds']} rounds): median and bootstrap 95% interval of the median")
+        for r in rows:
+            tr.write_line(f"{r['members']:>7} {r['batch_size']:>5}  {r['fused_vs_sequential_median_of_rounds']:.3f}x "
+                          f"[{r['fused_vs_sequential_ci_low']:.3f}, {r['fused_vs_sequential_ci_high']:.3f}]")
     if any(r.get("epoch_graph_ips") for r in rows):
         tr.write_line("default kernel with a whole epoch per CUDA graph replay (CXR_GRAPH_STEPS=epoch): "
                       + "; ".join(f"{r['members']}x bs{r['batch_size']}: {r['epoch_graph_ips']:.0f} images/s, "
