@@ -78,6 +78,7 @@ class Timing(TypedDict, total=False):
     fused_with: list[str]  # run ids trained at once with this one, as one fused group (cxr.fused); then
     #                        train_seconds is the group's time while this run took part
     fused_kernel: str  # how the group's step ran: "grouped" (one grouped convolution per layer) or "loop"
+    fused_error: str  # why this run's fused group failed, so that it trained alone instead
 
 
 @dataclass(frozen=True)

@@ -269,19 +269,32 @@ def train_unit(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torc
             [fit(specs[0], data, dev, progress)]
     except (KeyboardInterrupt, data_mod.DataError):
         raise
-    except Exception as e:  # a crashed run is recorded, and the sweep goes on
-        return [Trained(failed_record(rec, e)) for rec in recs]
+    except Exception as e:
+        if len(specs) > 1:  # a fault of fusion must not cost the runs: train each one alone instead
+            why = one_line(e)
+            print(f"cxr-bench: a fused group of {len(specs)} runs failed ({why}); training them one by one",
+                  file=sys.stderr)
+            return [_fused_error(train_unit([s], data, dev, progress)[0], why) for s in specs]
+        return [Trained(failed_record(rec, e)) for rec in recs]  # a crashed run is recorded; the sweep goes on
     logits = {}
     if fits[0].fused_kernel == "grouped":  # val and test of every plain-decision member in one batched forward
         batch = [(i, f.model) for i, f in enumerate(fits) if f.status == record.OK and not recs[i].decision["tta"]]
-        if batch:
-            models = [m for _, m in batch]
-            for split in ("val", "test"):
+        try:
+            for split in ("val", "test") if batch else ():
                 part = getattr(data, split)
-                for (i, _), lg in zip(batch, fused.fused_logits(models, part.x, dev), strict=True):
+                for (i, _), lg in zip(batch, fused.fused_logits([m for _, m in batch], part.x, dev), strict=True):
                     logits[i, split] = lg
+        except (RuntimeError, ValueError):  # each model evaluates alone instead (_finish)
+            logits = {}
     return [_finish(spec, rec, fitted, data, dev, logits.get((i, "val")), logits.get((i, "test")))
             for i, (spec, rec, fitted) in enumerate(zip(specs, recs, fits, strict=True))]
+
+
+def _fused_error(trained: Trained, why: str) -> Trained:
+    """A run trained alone because its fused group failed: its record says why (timing.fused_error)."""
+    rec = trained.record
+    return dataclasses.replace(trained, record=dataclasses.replace(rec, timing={**(rec.timing or {}),
+                                                                            "fused_error": why}))
 
 
 def new_record(spec: ExperimentSpec, data: data_mod.Dataset, dev: torch.device) -> RunRecord:

@@ -281,3 +281,42 @@ def test_cuda_fused_group_captures_one_graph_and_trains_like_lone_runs(tiny_data
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)
     recs = train.train_unit(specs, tiny_data, "cuda", kernel=kernel)  # batched evaluation on the GPU
     assert all(t.record.ok and t.record.metrics["test"]["accuracy"] > 0.5 for t in recs)
+
+
+def test_a_failing_group_trains_its_runs_alone(tiny_data, monkeypatch, capsys, tmp_path):
+    """A fault of fusion (here: fit_group raising) must not cost the runs: each trains alone, and its record
+    says why (timing.fused_error)."""
+    specs = [replace(SPEC, seed=s, epochs=1) for s in (0, 1)]
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("grouped kernel exploded")
+
+    monkeypatch.setattr(fused, "fit_group", broken)
+    trained = train.train_unit(specs, tiny_data, "cpu", progress=False)
+    assert "a fused group of 2 runs failed (RuntimeError: grouped kernel exploded); training them one by one" \
+        in capsys.readouterr().err
+    lone = [train.train_unit([s], tiny_data, "cpu", progress=False)[0] for s in specs]
+    for t, alone in zip(trained, lone, strict=True):
+        assert t.record.ok and t.record.timing["fused_error"] == "RuntimeError: grouped kernel exploded"
+        assert "fused_with" not in t.record.timing
+        assert t.record.metrics == alone.record.metrics
+    # stored and read back through the schema, as any result file
+    recs = train.run_group(specs, tmp_path, "cpu", data=tiny_data, progress=False)
+    assert all(r.ok and r.timing_of("fused_error") for r in recs)
+    again = train.run_group(specs, tmp_path, "cpu", data=tiny_data, progress=False)
+    assert all(r.cached for r in again)
+
+
+def test_a_failing_batched_evaluation_falls_back_to_each_model(tiny_data, monkeypatch):
+    specs = [replace(SPEC, seed=s, epochs=1) for s in (0, 1)]
+    batched = train.train_unit(specs, tiny_data, "cpu", progress=False, kernel="grouped")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no memory for the batched forward")
+
+    monkeypatch.setattr(fused, "fused_logits", broken)
+    alone = train.train_unit(specs, tiny_data, "cpu", progress=False, kernel="grouped")
+    for a, b in zip(alone, batched, strict=True):
+        assert a.record.ok
+        for split in ("val", "test"):
+            assert a.record.metrics[split]["accuracy"] == pytest.approx(b.record.metrics[split]["accuracy"], abs=1e-9)
