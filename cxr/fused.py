@@ -41,7 +41,7 @@ from cxr.env import resolve_device, synchronize
 from cxr.errors import CxrError, one_line
 from cxr.evaluate import EVAL_BATCH, evaluate_split
 from cxr.models import _MEAN, _STD, ConvNet, build_model
-from cxr.recipe import augment, augmenting, ema_model, lr_factor, make_optimizer, set_lr
+from cxr.recipe import augment, augmenting, ema_model, lr_factor, make_optimizer, scheduled, set_lr
 from cxr.spec import ExperimentSpec
 
 FUSABLE_MODELS = ("cnn", "vgg")  # ConvNet: conv, BatchNorm, ReLU, max-pool, average-pool, linear
@@ -341,7 +341,7 @@ def fit_group(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch
         if now_active != active:  # first epoch, or a member stopped: (re)build the fused step
             active = now_active
             t_setup = time.perf_counter()
-            between = any(mb.spec.schedule != "none" or mb.spec.warmup_epochs or mb.ema is not None for mb in active)
+            between = any(scheduled(mb.spec) or mb.ema is not None for mb in active)
             steps = graphs.steps_per_graph(n // batch, between_steps=between)
             step = FusedStep(active, x_train, y_train, device, batch, True, kernel, steps)
             synchronize(device)
@@ -354,10 +354,10 @@ def fit_group(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torch
         lr_now = [mb.spec.lr * lr_factor(mb.spec, n_step, steps_per_epoch) for mb in active]
         step.reset()
         perm = torch.stack([torch.randperm(n, device=device, generator=mb.generator) for mb in active])
-        scheduled = [mb for mb in active if mb.spec.schedule != "none" or mb.spec.warmup_epochs]
+        stepped_lr = [mb for mb in active if scheduled(mb.spec)]
         images = 0
         for idx in graphs.batches(perm, batch, step.steps):  # step.steps > 1: nothing between steps
-            for mb in scheduled:
+            for mb in stepped_lr:
                 set_lr(mb.optimizer, mb.spec.lr * lr_factor(mb.spec, n_step, steps_per_epoch))
             step(idx)
             for mb in active:

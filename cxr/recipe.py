@@ -70,6 +70,11 @@ def augmenting(spec: ExperimentSpec) -> bool:
     return bool(spec.augment_shift or spec.augment_rotate or spec.augment_scale)
 
 
+def scheduled(spec: ExperimentSpec) -> bool:
+    """Whether spec's learning rate changes from step to step (a schedule or warm-up): set_lr every step."""
+    return spec.schedule != "none" or bool(spec.warmup_epochs)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         if isinstance(group["lr"], torch.Tensor):

@@ -26,7 +26,7 @@ from cxr.env import environment, now, resolve_device, synchronize
 from cxr.errors import CxrError, one_line
 from cxr.evaluate import evaluate_split
 from cxr.models import build_model
-from cxr.recipe import augment, augmenting, ema_model, lr_factor, make_optimizer, set_lr
+from cxr.recipe import augment, augmenting, ema_model, lr_factor, make_optimizer, scheduled, set_lr
 from cxr.record import RunRecord
 from cxr.spec import ExperimentSpec
 
@@ -155,8 +155,8 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
 
     result = Fit(status=record.OK)
     t_setup = time.perf_counter()
-    scheduled = spec.schedule != "none" or bool(spec.warmup_epochs)
-    steps = graphs.steps_per_graph(n // spec.batch_size, between_steps=scheduled or ema is not None)
+    stepped_lr = scheduled(spec)
+    steps = graphs.steps_per_graph(n // spec.batch_size, between_steps=stepped_lr or ema is not None)
     step = TrainStep(model, optimizer, spec, x_train, y_train, generator, device, steps)
     synchronize(device)
     result.setup_seconds = time.perf_counter() - t_setup
@@ -174,7 +174,7 @@ def fit(spec: ExperimentSpec, data: data_mod.Dataset, device: torch.device | str
         step.reset()
         perm = torch.randperm(n, device=device, generator=generator)
         for idx in graphs.batches(perm, spec.batch_size, step.steps):  # step.steps > 1: nothing between steps
-            if scheduled:
+            if stepped_lr:
                 set_lr(optimizer, spec.lr * lr_factor(spec, n_step, steps_per_epoch))
             step(idx)
             if ema is not None:
