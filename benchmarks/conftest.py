@@ -6,7 +6,7 @@
     pytest benchmarks/test_throughput.py               # the engine vs the course's DataLoader loop
 
 Cases. One per (experiment, seed), with the run id as its pytest id, e.g.
-`test_experiment[loss-ce-lr0.001-bs32-seed0]`. Each goes through `cxr.train.run`, the engine of
+`test_experiment[loss-ce-lr0.001-bs32-seed0]`. Each goes through `cxr.sweep.run`, the engine of
 `cxr-bench run`, into the same results store (--out, default results/): a run already stored with
 the same identity (recipe, data content, training version) is reported from the store (extra_info
 "cached": true), not trained again, unless --rerun; a stored result of another recipe or data under
@@ -55,7 +55,7 @@ import torch
 from _pytest.mark import KeywordMatcher  # pytest's -k matcher: used as is, only the loss words differ
 
 from cxr import data as data_mod
-from cxr import fused, keyword, results, selection
+from cxr import kernels, keyword, results, selection, sweep
 from cxr import spec as spec_mod
 from cxr.env import DEVICES, resolve_device
 from cxr.errors import CxrError
@@ -74,7 +74,7 @@ class Settings:
     out: Path
     device: torch.device
     rerun: bool
-    fuse: bool  # train compatible runs as fused groups (cxr.fused); --no-fuse: each alone
+    fuse: bool  # train compatible runs as fused groups (cxr.engine); --no-fuse: each alone
     throughput_images: int | None  # None: the default of test_throughput.py
     throughput_rounds: int | None = None  # timed rounds of each fused-throughput case; None: its default
 
@@ -100,7 +100,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="training device (default: auto, the GPU when there is one)")
     group.addoption("--rerun", action="store_true", help="train again even where a result is stored")
     group.addoption("--no-fuse", action="store_true",
-                    help="train every run alone (default: compatible runs train as one fused group, cxr.fused)")
+                    help="train every run alone (default: compatible runs train as one fused group, cxr.engine)")
     group.addoption("--throughput-images", type=int, metavar="N",
                     help="images per timed throughput pass (default: 2048 on CPU, 16384 on CUDA)")
     group.addoption("--throughput-rounds", type=int, metavar="N",
@@ -116,7 +116,7 @@ def _settings(config: pytest.Config) -> Settings:
         specs = selection.select(list(paths), seeds=seeds, dataset=config.getoption("data"),
                                 epochs=config.getoption("epochs"))  # -k: pytest's option, applied below
         device = resolve_device(config.getoption("device"))
-        fused.check_environment()  # CXR_FUSE_KERNEL, CXR_GRAPH_STEPS
+        sweep.check_environment()  # CXR_FUSE_KERNEL, CXR_GRAPH_STEPS
     except CxrError as e:
         raise pytest.UsageError(str(e)) from None
     if images is not None and images < 2:
@@ -180,8 +180,8 @@ def _xdist_setup(config: pytest.Config) -> None:
 
 
 def fusion_group(spec: spec_mod.ExperimentSpec) -> str:
-    """The name of the fused group a case may train with (its cxr.fused.fusion_key), or its own run id."""
-    key = fused.fusion_key(spec)
+    """The name of the fused group a case may train with (its cxr.kernels.fusion_key), or its own run id."""
+    key = kernels.fusion_key(spec)
     return f"fuse-{hashlib.sha256(repr(key).encode()).hexdigest()[:12]}" if key else spec.run_id
 
 
@@ -317,7 +317,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     selected = [item.callspec.params["spec"] for item in session.items
                 if hasattr(item, "callspec") and "spec" in item.callspec.params]
     units = session.config.stash[UNITS]
-    for unit in fused.groups(selected, fuse=settings.fuse):
+    for unit in sweep.groups(selected, fuse=settings.fuse):
         units.update({s.run_id: unit for s in unit})
 
 
@@ -431,13 +431,13 @@ def _experiment_table(tr, rows: list[dict], settings: Settings) -> None:
                       f"{_num(r['best_epoch'], 'd'):>7} {_num(r['train_seconds'], '.1f'):>8} "
                       f"{_num(r['images_per_second'], '.0f'):>8}")
     if any(r.get("fused_with") and not r["cached"] for r in rows):
-        tr.write_line("fused: trained with the other runs of its group at once (cxr.fused); the group's benchmark "
+        tr.write_line("fused: trained with the other runs of its group at once (cxr.engine); the group's benchmark "
                       "time is on its first case, and train s is the group's time while the run took part")
 
 
 def _throughput_table(tr, rows: list[dict]) -> None:
     first = rows[0]
-    tr.write_sep("-", "cxr-bench throughput: engine (cxr.train.fit) vs the course loop (DataLoader)")
+    tr.write_sep("-", "cxr-bench throughput: engine (cxr.engine.fit) vs the course loop (DataLoader)")
     peak = first["peak_gflops"]
     peak = f"{peak / 1000:.1f} TFLOP/s" if peak >= 1000 else f"{peak:.1f} GFLOP/s"
     tr.write_line(f"{first['device_name']}; peak {peak} ({first['peak_matmul']})")
@@ -459,7 +459,7 @@ def _throughput_table(tr, rows: list[dict]) -> None:
 
 def _fused_table(tr, rows: list[dict]) -> None:
     first = rows[0]
-    tr.write_sep("-", "cxr-bench fused training: a group at once (cxr.fused) vs its runs one after another")
+    tr.write_sep("-", "cxr-bench fused training: a group at once (cxr.engine) vs its runs one after another")
     tr.write_line(f"{first['device_name']}; {first['images_per_member']} images per member and pass, best of "
                   f"{first['rounds']}; aggregate training images/s; default kernel {first['default_kernel']}")
     tr.write_line(f"memory roofline: {first['bandwidth_gbs']} GB/s measured / {first['bytes_per_training_image']:,} "

@@ -1,8 +1,8 @@
 """One benchmark case per (experiment, seed) of the spec files (parametrised in conftest.py).
 
-Each case is one run of `cxr.train.run_group`: trained and stored, or read back from the store when
+Each case is one run of `cxr.sweep.run_group`: trained and stored, or read back from the store when
 a result of the same identity (recipe, data content, training version) is there. Runs that can share
-a step train as one fused group (cxr.fused; --no-fuse turns it off): the group's first case trains
+a step train as one fused group (cxr.engine; --no-fuse turns it off): the group's first case trains
 them all, and its time is the group's; the other cases of the group take their result from it and
 report the time of that lookup, with "timed_in_case" naming the case whose time covers them. Its metrics go to
 benchmark.extra_info (and so to --benchmark-json) and to the summary table at the end of the session.
@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 
 from cxr import data as data_mod
-from cxr import record, results, train
+from cxr import record, results, sweep
 from cxr.env import synchronize
 from cxr.errors import CxrError
 from cxr.record import RunRecord
@@ -45,7 +45,7 @@ def test_experiment(spec, benchmark, cxr_settings, experiment_rows, fusion_units
         # The first case of a fused group trains the whole group: its time is the group's. The group's other
         # cases find their result here and cost (and report) only that lookup.
         if spec.run_id not in unit_results:
-            recs = train.run_group(unit, s.out, s.device.type, rerun=s.rerun, data=data, progress=False)
+            recs = sweep.run_group(unit, s.out, s.device.type, rerun=s.rerun, data=data, progress=False)
             synchronize(s.device)
             unit_results.update({u.run_id: (r, spec.run_id) for u, r in zip(unit, recs, strict=True)})
         return unit_results.pop(spec.run_id)

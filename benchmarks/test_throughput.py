@@ -5,7 +5,7 @@ train split at 28 px, cycled to --throughput-images images), same optimizer (Ada
 loss (cross-entropy), at batch sizes 32, 64 and 128, measured side by side in one process, each
 after a warm-up of a few batches and as the best of 3 timed repeats (a shared machine is noisy):
 
-- engine, training: an epoch of the real `cxr.train.fit` (epochs=1; no second training loop
+- engine, training: an epoch of the real `cxr.engine.fit` (epochs=1; no second training loop
   here): the data on the device, randperm index batches, bf16 autocast and channels_last on CUDA.
   Images/s is fit's own train_images / train_seconds, which leave out its validation pass.
 - course, training: `DataLoader(TensorDataset(x, y), batch_size, shuffle=True)`, a `.to(device)`
@@ -13,7 +13,7 @@ after a warm-up of a few batches and as the best of 3 timed repeats (a shared ma
 - evaluation: `cxr.evaluate.predict_logits` vs the course's no_grad DataLoader loop with argmax,
   at the same batch size.
 
-Fused groups (test_fused_throughput): a group trained at once by each cxr.fused kernel, and by torch.func's
+Fused groups (test_fused_throughput): a group trained at once by each cxr.kernels kernel, and by torch.func's
 vmap over stacked models, against its runs one after another and the course loop.
 
 MFU (model FLOP utilisation) = model FLOPs per image (x3 for a training step: forward and
@@ -38,12 +38,12 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cxr import data as data_mod
 from cxr import graphs
+from cxr.engine import fit
 from cxr.env import cpu_text, device_name, synchronize
 from cxr.evaluate import predict_logits
-from cxr.fused import KERNELS, fit_group
+from cxr.kernels import KERNELS
 from cxr.models import build_model, count_flops
 from cxr.spec import ExperimentSpec
-from cxr.train import fit
 
 BATCH_SIZES = (32, 64, 128)
 IMAGE_SIZE = 28
@@ -306,11 +306,11 @@ def vmap_rate(specs: list[ExperimentSpec], train: data_mod.Split, device: torch.
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=lambda b: f"batch{b}")
 @pytest.mark.parametrize("members", FUSED_MEMBERS, ids=lambda m: f"members{m}")
 def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidth, fused_rows, monkeypatch):
-    """Aggregate training images/s of a fused group (cxr.fused.fit_group, each kernel) against the same
-    runs trained one after another (cxr.train.fit) and against the course's loop, side by side.
+    """Aggregate training images/s of a fused group (cxr.engine.fit, each kernel) against the same
+    runs trained one after another (cxr.engine.fit of each run alone) and against the course's loop, side by side.
 
     The members are a sweep as the suite has them: seeds and learning rates of one CE recipe. One epoch
-    each; images/s counts every member's images over the training clock (fit's and fit_group's own
+    each; images/s counts every member's images over the training clock (fit's own
     train_seconds: validation and setup are left out). Best of ROUNDS timed repeats."""
     device = cxr_settings.device
     full = data_mod.load("synthetic", IMAGE_SIZE)
@@ -330,12 +330,12 @@ def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidt
         return sum(f.train_images for f in fits) / sum(f.train_seconds for f in fits)
 
     def fused(kernel: str) -> float:
-        fits = fit_group(specs, data, device, progress=False, kernel=kernel)
+        fits = fit(specs, data, device, progress=False, kernel=kernel)
         return sum(f.train_images for f in fits) / fits[0].train_seconds
 
     fit(specs[0], warm, device, progress=False)
     for kernel in KERNELS:
-        fit_group(specs[:2], warm, device, progress=False, kernel=kernel)
+        fit(specs[:2], warm, device, progress=False, kernel=kernel)
     vmap_rate(specs[:2], warm.train, device)
     rates = {"sequential": [], **{k: [] for k in KERNELS}, "vmap": []}
 
@@ -353,7 +353,7 @@ def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidt
     if device.type == "cuda":
         with monkeypatch.context() as env:
             env.setenv(graphs.STEPS_ENV, "epoch")
-            fit_group(specs[:2], warm, device, progress=False, kernel=default)
+            fit(specs[:2], warm, device, progress=False, kernel=default)
             epoch_graph = max(fused(default) for _ in range(ROUNDS))
     model, optimizer = course_model(specs[0], device)
     with course_defaults():

@@ -33,9 +33,10 @@ def cmd_specs(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from cxr import fused, results, train
+    from cxr import results, sweep
     from cxr.data import load
     from cxr.env import resolve_device
+    from cxr.unit import identity
 
     specs = _specs(args)
     if args.shard:
@@ -43,7 +44,7 @@ def cmd_run(args) -> int:
     if not specs:
         print("cxr-bench run: no experiments selected", file=sys.stderr)
         return USER_ERROR
-    fused.check_environment()  # CXR_FUSE_KERNEL, CXR_GRAPH_STEPS
+    sweep.check_environment()  # CXR_FUSE_KERNEL, CXR_GRAPH_STEPS
     if args.gpus_per_task is not None and not args.ray:
         raise CxrError("--gpus-per-task: only with --ray (a local run uses one device, --device)")
     if args.ray:  # --ray (cxr.cluster): refuse before any work when Ray is missing; the driver needs no GPU
@@ -54,11 +55,11 @@ def cmd_run(args) -> int:
     results.check_writable(args.out)  # before any training
     if not args.rerun:  # a stored result of another recipe or data: refuse before training anything
         conflicts = [why for s in specs
-                     if (why := train.conflict(args.out, s, train.identity(s, load(s.dataset, s.image_size))))]
+                     if (why := sweep.conflict(args.out, s, identity(s, load(s.dataset, s.image_size))))]
         if conflicts:
             more = f" (and {len(conflicts) - 1} more run{'s' * (len(conflicts) > 2)})" if len(conflicts) > 1 else ""
             raise results.StoreConflict(conflicts[0] + more)
-    units = fused.groups(specs, fuse=not args.no_fuse)
+    units = sweep.groups(specs, fuse=not args.no_fuse)
     grouped = [u for u in units if len(u) > 1]
     how = (f"; {sum(map(len, grouped))} of them in {len(grouped)} fused group{'s' * (len(grouped) > 1)}"
            if grouped else "")
@@ -78,7 +79,7 @@ def cmd_run(args) -> int:
                            on_result=show, say=print)
     else:
         for unit in units:
-            for s, r in zip(unit, train.run_group(unit, args.out, args.device, rerun=args.rerun), strict=True):
+            for s, r in zip(unit, sweep.run_group(unit, args.out, args.device, rerun=args.rerun), strict=True):
                 show(s, r)
     failed, busy = counts["failed"], counts["busy"]
     others = f"; {busy} being trained by another process" if busy else ""
@@ -169,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--rerun", action="store_true", help="train again even if a result is stored")
     sp.add_argument("--no-fuse", action="store_true",
                     help="train every run alone (default: runs that can share a step train together as one "
-                         "batched model, cxr.fused; a spec's `fuse = false` keeps its runs alone)")
+                         "batched model, cxr.engine; a spec's `fuse = false` keeps its runs alone)")
     sp.add_argument("--shard", metavar="I/N", help="run only the I-th of N deterministic slices (0 <= I < N) of the "
                                                   "selected runs, e.g. $SLURM_ARRAY_TASK_ID/4, into a shared --out")
     # --ray (cxr.cluster; pip install -e ".[ray]")

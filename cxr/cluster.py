@@ -1,11 +1,11 @@
 """A sweep spread over a Ray cluster: `cxr-bench run --ray ADDRESS` (Ray core tasks; `pip install -e ".[ray]"`).
 
-The unit of work is what the engine trains at once (cxr.fused.groups: several runs of one fusion key, or
-one run alone). One Ray task trains one unit with `cxr.train.train_unit` and returns its runs, records and
+The unit of work is what the engine trains at once (cxr.sweep.groups: several runs of one fusion key, or
+one run alone). One Ray task trains one unit with `cxr.unit.train_unit` and returns its runs, records and
 CPU weights, without touching any store: the driver (the process running cxr-bench) alone reads and writes
 the results directory, so the nodes need the data and cxr-bench installed, not a shared file system for
 the results. The driver needs no GPU; it loads each data set too (a run's identity includes the data's
-fingerprint), and its Ray must be the cluster's version. It follows `cxr.train.run_group`'s rules, for the
+fingerprint), and its Ray must be the cluster's version. It follows `cxr.sweep.run_group`'s rules, for the
 whole sweep:
 
 - a run whose result is stored is served (or copied from an identical run stored under another id);
@@ -14,7 +14,7 @@ whole sweep:
 - runs of one identity ("twins", e.g. Task A's CE run is Task B's lr 0.001 run) train once, anywhere in
   the sweep (under --rerun too, where run_group copies within a unit only); the others become copies
   when that result arrives (and train on their own if it failed);
-- each run is stored exactly once, when its task's result arrives (cxr.train.store: atomic, an ok result
+- each run is stored exactly once, when its task's result arrives (cxr.sweep.store: atomic, an ok result
   is never replaced by a failed one). A task lost with its node or worker is retried by Ray
   (`max_retries`); ordinary exceptions are not retried (train_unit records them as failed runs), and a
   task that still cannot finish is stored as failed runs (their environment is the driver's), retried by
@@ -43,7 +43,7 @@ import torch
 from tqdm import tqdm
 
 from cxr import data as data_mod
-from cxr import results, train
+from cxr import results, sweep, unit
 from cxr.errors import CxrError, one_line
 from cxr.record import RunRecord
 from cxr.spec import ExperimentSpec
@@ -118,8 +118,8 @@ def _connect(ray, address: str) -> None:
         raise RayError(f"--ray {address}: cannot start or join the Ray cluster ({one_line(e)})") from None
 
 
-def _train_task(specs: list[ExperimentSpec], threads: int, device: str) -> list[train.Trained]:
-    """On a worker: load the unit's data, train it (cxr.train.train_unit) and return its runs."""
+def _train_task(specs: list[ExperimentSpec], threads: int, device: str) -> list[unit.Trained]:
+    """On a worker: load the unit's data, train it (cxr.unit.train_unit) and return its runs."""
     import ray
 
     torch.set_num_threads(threads)  # the driver's: CPU results then match a sequential run's
@@ -129,7 +129,7 @@ def _train_task(specs: list[ExperimentSpec], threads: int, device: str) -> list[
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     return [dataclasses.replace(t, record=dataclasses.replace(t.record, environment={**t.record.environment,
                                                                                        **where}))
-            for t in train.train_unit(specs, data, dev, progress=False)]
+            for t in unit.train_unit(specs, data, dev, progress=False)]
 
 
 class _Sweep:
@@ -151,11 +151,11 @@ class _Sweep:
         self.bar = tqdm(total=len(self.specs), desc="ray", unit="run", disable=not show, leave=False)
 
     def plan(self) -> bool:
-        """Serve what is stored, claim the rest (cxr.train.run_group's rules); whether any run must train."""
+        """Serve what is stored, claim the rest (cxr.sweep.run_group's rules); whether any run must train."""
         first: dict[str, int] = {}
         for i, spec in enumerate(self.specs):
             ident = self._identity(i)
-            if not self.rerun and (served := train.serve(self.out, spec, ident)) is not None:
+            if not self.rerun and (served := sweep.serve(self.out, spec, ident)) is not None:
                 self._finish(i, served)
                 continue
             stack = contextlib.ExitStack()
@@ -165,7 +165,7 @@ class _Sweep:
                 self._finish(i, e)
                 continue
             self.claims[i] = stack
-            if not self.rerun and (served := train.serve(self.out, spec, ident)) is not None:
+            if not self.rerun and (served := sweep.serve(self.out, spec, ident)) is not None:
                 self._finish(i, served)  # finished by another process meanwhile
             elif ident in first:
                 self.waiting.setdefault(ident, []).append(i)
@@ -216,7 +216,7 @@ class _Sweep:
 
     def _identity(self, i: int) -> str:
         spec = self.specs[i]
-        return train.identity(spec, data_mod.load(spec.dataset, spec.image_size))
+        return unit.identity(spec, data_mod.load(spec.dataset, spec.image_size))
 
     def _submit(self, runs: list[int]) -> None:
         for i in runs:
@@ -235,13 +235,13 @@ class _Sweep:
         except self.ray.exceptions.RayError as e:  # worker or node lost beyond max_retries, task cancelled
             trained = [self._lost(i, e) for i in runs]
         for i, t in zip(runs, trained, strict=True):
-            self._finish(i, train.store(self.out, self.specs[i], t, self.previous[i]))
+            self._finish(i, sweep.store(self.out, self.specs[i], t, self.previous[i]))
             self._twins(i)
 
-    def _lost(self, i: int, e: BaseException) -> train.Trained:
+    def _lost(self, i: int, e: BaseException) -> unit.Trained:
         spec = self.specs[i]
-        rec = train.new_record(spec, data_mod.load(spec.dataset, spec.image_size), torch.device("cpu"))
-        return train.Trained(train.failed_record(rec, RuntimeError(f"Ray task lost: {one_line(e)}")))
+        rec = unit.new_record(spec, data_mod.load(spec.dataset, spec.image_size), torch.device("cpu"))
+        return unit.Trained(unit.failed_record(rec, RuntimeError(f"Ray task lost: {one_line(e)}")))
 
     def _twins(self, i: int) -> None:
         """The runs waiting for run i's identity: copies of its result, or (when it failed) trained anew."""
@@ -251,9 +251,9 @@ class _Sweep:
             j = waiting.pop(0)
             spec = self.specs[j]
             if self.rerun:
-                copied = train.copy_twin(self.out, spec, self.done[i])
+                copied = sweep.copy_twin(self.out, spec, self.done[i])
             else:
-                copied = train.serve(self.out, spec, ident)
+                copied = sweep.serve(self.out, spec, ident)
             if copied is not None:
                 self._finish(j, copied)
                 continue

@@ -1,4 +1,4 @@
-"""CUDA graphs of training steps, shared by cxr.train.TrainStep (one run) and cxr.fused.FusedStep (a group).
+"""CUDA graphs of training steps: cxr.engine.Step captures its step (of 1..N runs, any kernel) with these.
 
 A small model's step is ~100 kernel launches of a few microseconds each, so on a GPU the host's
 launching, not the arithmetic, sets the pace. The step (gather, forward, loss, backward, optimizer)
@@ -58,25 +58,29 @@ def batches(perm: torch.Tensor, batch: int, steps: int) -> Iterator[torch.Tensor
             yield idx
 
 
-def snapshot(models: list[nn.Module]) -> list[dict[str, torch.Tensor]]:
-    """Copies of each model's weights and buffers, to undo warm-up steps with `undo_warmup`."""
-    return [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+def snapshot(models: list[nn.Module], optimizers: list[torch.optim.Optimizer]) -> tuple[list[dict], list[dict]]:
+    """Copies of each model's weights and buffers and of each optimizer's state, for `undo_warmup`."""
+    weights = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    states = [{p: {k: v.clone() for k, v in s.items() if isinstance(v, torch.Tensor)} for p, s in o.state.items()}
+              for o in optimizers]
+    return weights, states
 
 
-def undo_warmup(models: list[nn.Module], snapshots: list[dict[str, torch.Tensor]],
-                optimizers: list[torch.optim.Optimizer]) -> None:
+def undo_warmup(models: list[nn.Module], optimizers: list[torch.optim.Optimizer], saved: tuple[list, list]) -> None:
     """Undo the warm-up steps that capture needs, in place (the graphs hold these tensors' addresses):
-    weights and BatchNorm statistics from `snapshots`, the optimizers' state (Adam's moments and step
-    count) back to zero, as before a first step."""
+    weights and BatchNorm statistics from the `snapshot`, and each optimizer's state as it was: the values
+    it had (a resumed run's Adam moments, a group rebuilt after a member stopped), or zero for state the
+    warm-up made (as before a first step)."""
+    weights, states = saved
     with torch.no_grad():
-        for model, saved in zip(models, snapshots, strict=True):
+        for model, before in zip(models, weights, strict=True):
             for k, v in model.state_dict().items():
-                v.copy_(saved[k])
-        for optimizer in optimizers:
-            for state in optimizer.state.values():
-                for v in state.values():
+                v.copy_(before[k])
+        for optimizer, before in zip(optimizers, states, strict=True):
+            for p, state in optimizer.state.items():
+                for k, v in state.items():
                     if isinstance(v, torch.Tensor):
-                        v.zero_()
+                        v.copy_(before[p][k]) if p in before and k in before[p] else v.zero_()
 
 
 def capture(body: Callable[[torch.Tensor], None], zero_grad: Callable[[], None],

@@ -75,10 +75,12 @@ class Timing(TypedDict, total=False):
     cuda_graph: bool  # whether the train step was replayed as a CUDA graph
     cuda_graph_error: str  # why capture failed, when it did
     graph_steps: int  # optimizer steps per graph replay (cxr.graphs, CXR_GRAPH_STEPS), when graphed
-    fused_with: list[str]  # run ids trained at once with this one, as one fused group (cxr.fused); then
+    fused_with: list[str]  # run ids trained at once with this one, as one fused group (cxr.engine); then
     #                        train_seconds is the group's time while this run took part
     fused_kernel: str  # how the group's step ran: "grouped" (one grouped convolution per layer) or "loop"
     fused_error: str  # why this run's fused group failed, so that it trained alone instead
+    checkpoint_seconds: float  # writing its end-of-epoch checkpoints (cxr.sweep.StoreCheckpoints)
+    resumed_after_epoch: int  # the last epoch of the checkpoint it resumed from (a killed run, continued)
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,7 @@ class RunRecord:
     identity: str | None = None  # identity(spec_hash, data_fingerprint, training_version): what the store
     #                              matches before it serves this result instead of training; None in version 1
     data_fingerprint: dict[str, str] | None = None  # {"train", "val", "test"}: content hashes of the splits
-    training_version: int | None = None  # cxr.train.TRAINING_VERSION of the code that trained it
+    training_version: int | None = None  # cxr.unit.TRAINING_VERSION of the code that trained it
     decision: dict | None = None  # cxr.decision.Decision.to_dict(): rule, threshold, prior (the train split's
     #                              prevalence of pneumonia, for equal-prior), tta, augment; None in version 1
     cached: bool = dataclasses.field(default=False, compare=False)  # served from the store; not written

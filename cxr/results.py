@@ -10,6 +10,9 @@ The rules (README "Results"):
   kept beside it as seed-<n>.attempt.json and the good result stays.
 - Files are written atomically (temp file, fsync, rename) with the user's umask, and every path the
   store writes resolves inside the store.
+- A run being trained writes its state at the end of every epoch to seed-<n>.checkpoint.pt (atomically,
+  under its claim; cxr.sweep.StoreCheckpoints), from which a later run of the same identity resumes; it is
+  deleted once the run's result is written.
 - A run being trained holds a claim (an flock'ed seed-<n>.lock naming host and pid; the kernel frees
   it when the process dies), so two processes never train the same run.
 """
@@ -82,6 +85,11 @@ def attempt_path(out: str | Path, spec: ExperimentSpec) -> Path:
 
 def weights_path(out: str | Path, spec: ExperimentSpec) -> Path:
     return inside(out, Path(out) / "runs" / spec.id / f"seed-{spec.seed}" / WEIGHTS_NAME)
+
+
+def checkpoint_path(out: str | Path, spec: ExperimentSpec) -> Path:
+    """Where a run being trained keeps its state at the end of its last epoch (cxr.sweep.StoreCheckpoints)."""
+    return inside(out, Path(out) / "runs" / spec.id / f"seed-{spec.seed}.checkpoint.pt")
 
 
 def check_writable(out: str | Path) -> Path:

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr import cli, cluster, fused, results, selection, train
+from cxr import cli, cluster, results, selection, sweep
 from tests.conftest import learnable_npz
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,14 +96,14 @@ class TestDeclaredGpus:
 
     def test_1_one_gpu_per_task_and_the_sequential_store(self, tmp_path):
         specs = selection.select(_spec_files(tmp_path))
-        units = fused.groups(specs)
+        units = sweep.groups(specs)
         assert [len(u) for u in units] == [3, 2]  # batch 32 (with the twin) and batch 64: two tasks
         seen = []
         got = cluster.run_on_ray(units, tmp_path / "ray", None, gpus_per_task=1, device="cpu", progress=False,
                                  on_result=lambda s, r: seen.append(s.run_id))
         assert sorted(seen) == sorted(s.run_id for s in specs)  # each run reported once
         for unit in units:
-            train.run_group(unit, tmp_path / "seq", "cpu", progress=False)
+            sweep.run_group(unit, tmp_path / "seq", "cpu", progress=False)
 
         assert _store(tmp_path / "ray") == _store(tmp_path / "seq")  # the same files: no locks, no attempts
         for spec, rec in zip([s for u in units for s in u], got, strict=True):  # results in the order of the units
@@ -130,7 +130,7 @@ class TestDeclaredGpus:
 
     def test_ctrl_c_cancels_the_rest_and_keeps_what_finished(self, tmp_path):
         specs = selection.select(_spec_files(tmp_path, twin=False))
-        units = fused.groups(specs)
+        units = sweep.groups(specs)
         seen = []
 
         def interrupt(spec, rec):
@@ -182,7 +182,7 @@ def test_2_a_node_lost_mid_sweep_loses_no_run_and_stores_none_twice(one_thread, 
         nodes = [sim.add_node(num_cpus=1) for _ in range(2)]
         sim.wait_for_nodes()
         specs = selection.select(_spec_files(tmp_path, twin=False, fuse=False))
-        units = fused.groups(specs, fuse=False)
+        units = sweep.groups(specs, fuse=False)
         assert len(units) == 4
         killer = threading.Thread(target=remove_the_first_busy_node, daemon=True)
         killer.start()

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cxr import losses, spec, train
+from cxr import losses, spec, sweep
 from cxr.decision import TTA_SEED, Decision
 from cxr.evaluate import evaluate_split, predict_logits
 from cxr.models import build_model
@@ -84,7 +84,7 @@ def test_tta_is_the_mean_probability_of_explicit_transforms(tiny_data):
 
 def test_a_run_stores_its_decision_and_the_plain_metrics(tiny_data, tmp_path):
     s = replace(SPEC, class_weight="balanced", decision="equal-prior", tta=2, augment_shift=0.05)
-    rec = train.run(s, tmp_path, "cpu", data=tiny_data, progress=False)
+    rec = sweep.run(s, tmp_path, "cpu", data=tiny_data, progress=False)
     prior = float(tiny_data.train.y.float().mean())
     assert rec.ok and rec.decision == {"rule": "equal-prior", "threshold": pytest.approx(prior),
                                        "prior": pytest.approx(prior), "tta": 2, "augment": [0.05, 0.0, 0.0]}

@@ -3,7 +3,7 @@ exit status 2; an OSError from the file system too; anything else is a bug and k
 
 import pytest
 
-from cxr import cli, data, env, keyword, models, record, report, spec, train
+from cxr import cli, data, env, keyword, models, record, report, spec, sweep
 from cxr.errors import CxrError, one_line
 
 
@@ -40,6 +40,6 @@ def test_a_bug_is_not_reported_as_bad_input(monkeypatch, tmp_path):
     def bug(*args, **kwargs):
         raise ValueError("a programming error deep inside")
 
-    monkeypatch.setattr(train, "run_group", bug)
+    monkeypatch.setattr(sweep, "run_group", bug)
     with pytest.raises(ValueError, match="programming error"):
         cli.main(["run", "specs/task-a-loss.toml", "-k", "bce", "--seeds", "1", "--out", str(tmp_path)])

@@ -14,7 +14,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cxr import cli, fused, losses, train
+from cxr import cli, engine, kernels, losses, sweep, unit
 from cxr.evaluate import predict_logits
 from cxr.models import build_model
 from cxr.spec import ExperimentSpec
@@ -42,11 +42,11 @@ def test_groups_join_runs_that_share_a_step_and_keep_the_rest_alone():
     resnet = replace(SPEC, model="resnet18")
     not_fused = replace(SPEC, seed=7, fuse=False)
     augmented = replace(SPEC, seed=8, augment_shift=0.1)
-    units = fused.groups([a[0], other_batch, a[1], resnet, a[2], not_fused, a[3], augmented])
+    units = sweep.groups([a[0], other_batch, a[1], resnet, a[2], not_fused, a[3], augmented])
     assert units == [[a[0], a[1], a[2], a[3]], [other_batch], [resnet], [not_fused], [augmented]]
-    assert fused.groups(a, fuse=False) == [[s] for s in a]
-    assert fused.groups(a, max_members=3) == [a[:3], a[3:]]
-    assert fused.fusion_key(resnet) is None and fused.fusion_key(not_fused) is None
+    assert sweep.groups(a, fuse=False) == [[s] for s in a]
+    assert sweep.groups(a, max_members=3) == [a[:3], a[3:]]
+    assert kernels.fusion_key(resnet) is None and kernels.fusion_key(not_fused) is None
 
 
 def test_fuse_is_bookkeeping_not_recipe():
@@ -70,8 +70,8 @@ def test_a_spec_file_may_turn_fusion_off(tmp_path):
 def test_a_member_starts_from_its_lone_runs_weights_and_batch_order(tiny_data):
     y = tiny_data.train.y
     for spec in MIXED:
-        member = fused.Member(spec, tiny_data, y, torch.device("cpu"))
-        train.seed_everything(spec.seed)
+        member = engine.Member(spec, tiny_data, y, torch.device("cpu"))
+        engine.seed_everything(spec.seed)
         lone = build_model(spec.model, spec.num_outputs, spec.width)
         for (k, a), b in zip(member.model.state_dict().items(), lone.state_dict().values(), strict=True):
             assert torch.equal(a, b), (spec.seed, k)
@@ -79,31 +79,28 @@ def test_a_member_starts_from_its_lone_runs_weights_and_batch_order(tiny_data):
         assert torch.equal(torch.randperm(len(y), generator=member.generator), torch.randperm(len(y), generator=g))
 
 
-@pytest.mark.parametrize("kernel", fused.KERNELS)
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
 def test_first_step_loss_matches_the_lone_run(tiny_data, kernel):
     x, y, dev = tiny_data.train.x, tiny_data.train.y, torch.device("cpu")
-    members = [fused.Member(s, tiny_data, y, dev) for s in MIXED]
+    members = [engine.Member(s, tiny_data, y, dev) for s in MIXED]
     perms = torch.stack([torch.randperm(len(y), generator=mb.generator) for mb in members])
-    step = fused.FusedStep(members, x, y, dev, SPEC.batch_size, graphed=False, kernel=kernel)
+    step = engine.Step(members, x, y, dev, SPEC.batch_size, kernel=kernel)
     step(perms[:, :SPEC.batch_size])
     fused_losses = (step.loss_sum / SPEC.batch_size).tolist()
     for spec, got in zip(MIXED, fused_losses, strict=True):
-        train.seed_everything(spec.seed)
-        model = build_model(spec.model, spec.num_outputs, spec.width)
-        opt = torch.optim.SGD(model.parameters(), lr=0.0)
-        g = torch.Generator().manual_seed(spec.seed)
-        lone = train.TrainStep(model, opt, spec, x, y, g, dev)
-        lone(torch.randperm(len(y), generator=g)[:SPEC.batch_size])
-        expected = float(lone.loss_sum) / SPEC.batch_size
+        lone_member = engine.Member(spec, tiny_data, y, dev)  # a lone run: a group of one, loop kernel
+        lone = engine.Step([lone_member], x, y, dev, SPEC.batch_size, kernel="loop")
+        lone(torch.randperm(len(y), generator=lone_member.generator)[:SPEC.batch_size].unsqueeze(0))
+        expected = float(lone.loss_sum[0]) / SPEC.batch_size
         assert got == pytest.approx(expected, rel=1e-6, abs=0), spec.loss
 
 
-@pytest.mark.parametrize("kernel", fused.KERNELS)
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
 def test_first_epoch_matches_the_lone_run(tiny_data, kernel):
     specs = [replace(s, epochs=1) for s in MIXED]
-    fits = fused.fit_group(specs, tiny_data, "cpu", progress=False, kernel=kernel)
+    fits = engine.fit(specs, tiny_data, "cpu", progress=False, kernel=kernel)
     for spec, f in zip(specs, fits, strict=True):
-        lone = train.fit(spec, tiny_data, "cpu", progress=False)
+        lone = engine.fit(spec, tiny_data, "cpu", progress=False)
         (a,), (b,) = _strip(f.history), _strip(lone.history)
         if kernel == "loop":  # the lone step itself: the same numbers, bit for bit
             assert a == b
@@ -113,17 +110,17 @@ def test_first_epoch_matches_the_lone_run(tiny_data, kernel):
 
 
 def test_loop_kernel_is_the_lone_run_exactly(tiny_data):
-    fits = fused.fit_group(MIXED, tiny_data, "cpu", progress=False, kernel="loop")
+    fits = engine.fit(MIXED, tiny_data, "cpu", progress=False, kernel="loop")
     for spec, f in zip(MIXED, fits, strict=True):
-        lone = train.fit(spec, tiny_data, "cpu", progress=False)
+        lone = engine.fit(spec, tiny_data, "cpu", progress=False)
         assert _strip(f.history) == _strip(lone.history) and f.best_epoch == lone.best_epoch
         for (k, a), b in zip(f.model.state_dict().items(), lone.model.state_dict().values(), strict=True):
             assert torch.equal(a, b), k
 
 
 def test_grouped_training_is_deterministic_on_cpu(tiny_data):
-    a = fused.fit_group(MIXED, tiny_data, "cpu", progress=False, kernel="grouped")
-    b = fused.fit_group(MIXED, tiny_data, "cpu", progress=False, kernel="grouped")
+    a = engine.fit(MIXED, tiny_data, "cpu", progress=False, kernel="grouped")
+    b = engine.fit(MIXED, tiny_data, "cpu", progress=False, kernel="grouped")
     for fa, fb in zip(a, b, strict=True):
         assert _strip(fa.history) == _strip(fb.history)
         for (k, va), vb in zip(fa.model.state_dict().items(), fb.model.state_dict().values(), strict=True):
@@ -133,9 +130,9 @@ def test_grouped_training_is_deterministic_on_cpu(tiny_data):
 def test_returned_models_own_their_statistics(tiny_data):
     """After a grouped run each member's BatchNorm buffers are its own tensors (not views of the group's),
     so its saved weights hold only its own numbers."""
-    fits = fused.fit_group(MIXED[:2], tiny_data, "cpu", progress=False, kernel="grouped")
+    fits = engine.fit(MIXED[:2], tiny_data, "cpu", progress=False, kernel="grouped")
     for spec, f in zip(MIXED[:2], fits, strict=True):
-        bn, lone = f.model.features[2], train.fit(spec, tiny_data, "cpu", progress=False).model.features[2]
+        bn, lone = f.model.features[2], engine.fit(spec, tiny_data, "cpu", progress=False).model.features[2]
         assert bn.running_mean.untyped_storage().nbytes() == bn.running_mean.numel() * 4
         assert int(bn.num_batches_tracked) == int(lone.num_batches_tracked) > 0
         torch.testing.assert_close(bn.running_var, lone.running_var, rtol=1e-3, atol=1e-4)
@@ -149,12 +146,12 @@ def test_fused_evaluation_matches_each_model_alone(tiny_data):
         m.train()
         m(tiny_data.train.x[:64])  # move the BatchNorm statistics away from their initial values
         models.append(m)
-    got = fused.fused_logits(models, tiny_data.val.x, torch.device("cpu"), batch_size=40)
+    got = kernels.fused_logits(models, tiny_data.val.x, torch.device("cpu"), batch_size=40)
     for m, g in zip(models, got, strict=True):
         torch.testing.assert_close(g, predict_logits(m, tiny_data.val.x, torch.device("cpu")), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", fused.KERNELS)
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
 def test_a_diverging_member_stops_alone(tiny_data, kernel, monkeypatch):
     """The BCE member's loss turns NaN in epoch 2: it is stopped as diverged there, and the CE member
     trains on, as it would alone (the loop kernel: exactly; grouped: to 1e-3)."""
@@ -168,10 +165,10 @@ def test_a_diverging_member_stops_alone(tiny_data, kernel, monkeypatch):
 
     monkeypatch.setitem(losses.LOSSES, "bce", replace(real, train_loss=exploding))
     good, bad = replace(SPEC, seed=0, epochs=4), replace(SPEC, seed=1, epochs=4, loss="bce")
-    fits = fused.fit_group([good, bad], tiny_data, "cpu", progress=False, kernel=kernel)
+    fits = engine.fit([good, bad], tiny_data, "cpu", progress=False, kernel=kernel)
     assert fits[1].status == "diverged" and "non-finite training loss in epoch 2" in fits[1].error
     assert fits[1].model is None and len(fits[1].history) == 2 and fits[1].history[-1]["train_loss"] is None
-    alone = train.fit(good, tiny_data, "cpu", progress=False)
+    alone = engine.fit(good, tiny_data, "cpu", progress=False)
     assert fits[0].status == "ok" and len(fits[0].history) == 4
     for a, b in zip(_strip(fits[0].history), _strip(alone.history), strict=True):
         if kernel == "loop":
@@ -184,8 +181,8 @@ def test_fused_and_lone_runs_agree_within_the_seed_spread(tiny_data):
     """Three seeds trained fused (grouped kernel) and alone for 8 epochs: the mean test accuracy and
     loss of the two differ by less than the spread between seeds."""
     specs = [replace(SPEC, seed=s, epochs=8, lr=0.003) for s in range(3)]
-    fused_recs = train.train_unit(specs, tiny_data, "cpu", kernel="grouped")
-    lone_recs = [train.train_unit([s], tiny_data, "cpu")[0] for s in specs]
+    fused_recs = unit.train_unit(specs, tiny_data, "cpu", kernel="grouped")
+    lone_recs = [unit.train_unit([s], tiny_data, "cpu")[0] for s in specs]
     for key in ("accuracy", "loss"):
         f = [t.record.metrics["test"][key] for t in fused_recs]
         lone = [t.record.metrics["test"][key] for t in lone_recs]
@@ -255,67 +252,71 @@ def test_runs_of_one_identity_in_a_group_train_once(tmp_path, tiny_data):
     a = replace(SPEC, name="a", epochs=1)
     b = replace(SPEC, name="b", epochs=1)  # same recipe under another id: Task A's CE run is Task B's
     other = replace(SPEC, name="a", epochs=1, lr=0.01, sweep=("lr",))
-    recs = train.run_group([a, other, b], tmp_path, "cpu", data=tiny_data, progress=False)
+    recs = sweep.run_group([a, other, b], tmp_path, "cpu", data=tiny_data, progress=False)
     assert [r.cached for r in recs] == [False, False, True] and recs[2].reused_from == a.id
     assert recs[0].timing_of("fused_with") == [other.run_id]  # b was not trained a second time
-    again = train.run_group([a, other, b], tmp_path, "cpu", data=tiny_data, progress=False, rerun=True)
+    again = sweep.run_group([a, other, b], tmp_path, "cpu", data=tiny_data, progress=False, rerun=True)
     assert again[2].reused_from == a.id and again[2].metrics == again[0].metrics
 
 
 # ------------------------------------------------------------------------------------------- CUDA
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", fused.KERNELS)
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
 def test_cuda_fused_group_captures_one_graph_and_trains_like_lone_runs(tiny_data, kernel):
     """On CUDA the group's step (every member: forward, loss, backward, optimizer) is one captured graph;
     each member's epochs follow its lone CUDA run (bf16 autocast: a looser tolerance than on the CPU)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     specs = [replace(s, epochs=3) for s in MIXED if s.optimizer in ("adam", "adamw")]
-    fits = fused.fit_group(specs, tiny_data, "cuda", progress=False, kernel=kernel)
+    fits = engine.fit(specs, tiny_data, "cuda", progress=False, kernel=kernel)
     for spec, f in zip(specs, fits, strict=True):
         assert f.status == "ok" and f.cuda_graph and f.capture_error is None and f.fused_kernel == kernel
-        lone = train.fit(spec, tiny_data, "cuda", progress=False)
+        lone = engine.fit(spec, tiny_data, "cuda", progress=False)
         for a, b in zip(f.history, lone.history, strict=True):
             assert a["lr"] == b["lr"]
             assert a["train_loss"] == pytest.approx(b["train_loss"], rel=0.05)
-    recs = train.train_unit(specs, tiny_data, "cuda", kernel=kernel)  # batched evaluation on the GPU
+    recs = unit.train_unit(specs, tiny_data, "cuda", kernel=kernel)  # batched evaluation on the GPU
     assert all(t.record.ok and t.record.metrics["test"]["accuracy"] > 0.5 for t in recs)
 
 
 def test_a_failing_group_trains_its_runs_alone(tiny_data, monkeypatch, capsys, tmp_path):
-    """A fault of fusion (here: fit_group raising) must not cost the runs: each trains alone, and its record
+    """A fault of fusion (here: engine.fit raising for the group) must not cost the runs: each trains alone, and its record
     says why (timing.fused_error)."""
     specs = [replace(SPEC, seed=s, epochs=1) for s in (0, 1)]
 
-    def broken(*args, **kwargs):
-        raise RuntimeError("grouped kernel exploded")
+    real_fit = engine.fit
 
-    monkeypatch.setattr(fused, "fit_group", broken)
-    trained = train.train_unit(specs, tiny_data, "cpu", progress=False)
+    def broken(specs, *args, **kwargs):  # a group of several raises; a lone run trains
+        if isinstance(specs, list) and len(specs) > 1:
+            raise RuntimeError("grouped kernel exploded")
+        return real_fit(specs, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit", broken)
+    trained = unit.train_unit(specs, tiny_data, "cpu", progress=False)
     assert "a fused group of 2 runs failed (RuntimeError: grouped kernel exploded); training them one by one" \
         in capsys.readouterr().err
-    lone = [train.train_unit([s], tiny_data, "cpu", progress=False)[0] for s in specs]
+    lone = [unit.train_unit([s], tiny_data, "cpu", progress=False)[0] for s in specs]
     for t, alone in zip(trained, lone, strict=True):
         assert t.record.ok and t.record.timing["fused_error"] == "RuntimeError: grouped kernel exploded"
         assert "fused_with" not in t.record.timing
         assert t.record.metrics == alone.record.metrics
     # stored and read back through the schema, as any result file
-    recs = train.run_group(specs, tmp_path, "cpu", data=tiny_data, progress=False)
+    recs = sweep.run_group(specs, tmp_path, "cpu", data=tiny_data, progress=False)
     assert all(r.ok and r.timing_of("fused_error") for r in recs)
-    again = train.run_group(specs, tmp_path, "cpu", data=tiny_data, progress=False)
+    again = sweep.run_group(specs, tmp_path, "cpu", data=tiny_data, progress=False)
     assert all(r.cached for r in again)
 
 
 def test_a_failing_batched_evaluation_falls_back_to_each_model(tiny_data, monkeypatch):
     specs = [replace(SPEC, seed=s, epochs=1) for s in (0, 1)]
-    batched = train.train_unit(specs, tiny_data, "cpu", progress=False, kernel="grouped")
+    batched = unit.train_unit(specs, tiny_data, "cpu", progress=False, kernel="grouped")
 
     def broken(*args, **kwargs):
         raise RuntimeError("no memory for the batched forward")
 
-    monkeypatch.setattr(fused, "fused_logits", broken)
-    alone = train.train_unit(specs, tiny_data, "cpu", progress=False, kernel="grouped")
+    monkeypatch.setattr(kernels, "fused_logits", broken)
+    alone = unit.train_unit(specs, tiny_data, "cpu", progress=False, kernel="grouped")
     for a, b in zip(alone, batched, strict=True):
         assert a.record.ok
         for split in ("val", "test"):

@@ -1,6 +1,6 @@
 """CUDA graphs of training steps (cxr.graphs): how an epoch is cut into graph replays, how many steps a graph
-holds, undoing the warm-up, and, on the CPU, the whole multi-step path of cxr.train.fit and
-cxr.fused.fit_group with each "graph" replayed eagerly from its static index buffer. That path must give
+holds, undoing the warm-up, and, on the CPU, the whole multi-step path of cxr.engine.fit and
+cxr.engine.fit with each "graph" replayed eagerly from its static index buffer. That path must give
 the eager engine's numbers bit for bit; only the capture itself is left to the CUDA tests."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from cxr import cli, fused, graphs, train
+from cxr import cli, engine, graphs, kernels
 from cxr.models import build_model
 from cxr.spec import ExperimentSpec
 
@@ -68,25 +68,46 @@ def test_a_bad_setting_stops_the_run_command_before_training(tmp_path, capsys, m
     assert not (tmp_path / "runs").exists()
 
 
-def test_undo_warmup_restores_weights_and_statistics_and_clears_the_optimizer():
-    torch.manual_seed(0)
-    model = build_model("cnn", 2, 4)
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
-    before = graphs.snapshot([model])
+def _adam_steps(model, optimizer, n):
     x, y = torch.randn(8, 1, 28, 28), torch.randint(0, 2, (8,))
-    for _ in range(2):
+    for _ in range(n):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-    changed = graphs.snapshot([model])[0]
-    assert any(not torch.equal(changed[k], before[0][k]) for k in changed)
+
+
+def test_undo_warmup_restores_weights_and_statistics_and_clears_a_new_optimizer():
+    torch.manual_seed(0)
+    model = build_model("cnn", 2, 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    before = graphs.snapshot([model], [optimizer])
+    _adam_steps(model, optimizer, 2)
+    changed = graphs.snapshot([model], [optimizer])[0][0]
+    assert any(not torch.equal(changed[k], before[0][0][k]) for k in changed)
     tensors = {k: v for k, v in model.state_dict().items()}
-    graphs.undo_warmup([model], before, [optimizer])
+    graphs.undo_warmup([model], [optimizer], before)
     for k, v in model.state_dict().items():
-        assert torch.equal(v, before[0][k]), k
+        assert torch.equal(v, before[0][0][k]), k
         assert v.data_ptr() == tensors[k].data_ptr(), k  # in place: a captured graph holds these addresses
     for state in optimizer.state.values():
         assert all(not torch.any(v) for v in state.values() if isinstance(v, torch.Tensor))
+
+
+def test_undo_warmup_keeps_an_optimizer_state_that_was_there_before():
+    """A resumed run, or a group rebuilt after a member stopped, is captured with Adam's moments and step
+    count already there: the warm-up's steps must be undone to those values, not to zero."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 2, 4)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.01)
+    _adam_steps(model, optimizer, 3)
+    kept = {p: {k: v.clone() for k, v in st.items()} for p, st in optimizer.state.items()}
+    before = graphs.snapshot([model], [optimizer])
+    _adam_steps(model, optimizer, 2)
+    graphs.undo_warmup([model], [optimizer], before)
+    for p, st in optimizer.state.items():
+        for k, v in st.items():
+            assert torch.equal(v, kept[p][k]), k
+    assert all(float(st["step"]) == 3 for st in optimizer.state.values())
 
 
 # ------------------------------------------------- the multi-step path, with graphs replayed eagerly
@@ -134,10 +155,10 @@ def eager_graphs(monkeypatch):
 
 @pytest.mark.parametrize("steps", ["1", "4", "epoch"])
 def test_fit_with_multi_step_graphs_gives_the_eager_numbers(tiny_data, eager_graphs, monkeypatch, steps):
-    eager = train.fit(SPEC, tiny_data, "cpu", progress=False)
+    eager = engine.fit(SPEC, tiny_data, "cpu", progress=False)
     monkeypatch.setenv(graphs.STEPS_ENV, steps)
     eager_graphs.on = True
-    graphed = train.fit(SPEC, tiny_data, "cpu", progress=False)
+    graphed = engine.fit(SPEC, tiny_data, "cpu", progress=False)
     k = {"1": 1, "4": 4, "epoch": 10}[steps]
     assert graphed.cuda_graph and graphed.graph_steps == k and not eager.cuda_graph
     # one graph of k steps, and one of 1 step for the full batches left over (10 = 2 x 4 + 2)
@@ -154,20 +175,20 @@ def test_a_schedule_keeps_one_step_per_replay(tiny_data, eager_graphs, monkeypat
     monkeypatch.setenv(graphs.STEPS_ENV, "epoch")
     spec = replace(SPEC, schedule="cosine")
     eager_graphs.on = True
-    graphed = train.fit(spec, tiny_data, "cpu", progress=False)
+    graphed = engine.fit(spec, tiny_data, "cpu", progress=False)
     assert graphed.graph_steps == 1 and [len(g.static) for g in eager_graphs] == [1]
     eager_graphs.on = False
-    assert _strip(graphed.history) == _strip(train.fit(spec, tiny_data, "cpu", progress=False).history)
+    assert _strip(graphed.history) == _strip(engine.fit(spec, tiny_data, "cpu", progress=False).history)
 
 
-@pytest.mark.parametrize("kernel", fused.KERNELS)
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
 def test_fit_group_with_multi_step_graphs_gives_the_eager_numbers(tiny_data, eager_graphs, monkeypatch, kernel):
     specs = [replace(SPEC, seed=0), replace(SPEC, seed=1, lr=0.003, loss="bce"),
              replace(SPEC, seed=2, optimizer="adamw", weight_decay=0.01)]
-    eager = fused.fit_group(specs, tiny_data, "cpu", progress=False, kernel=kernel)
+    eager = engine.fit(specs, tiny_data, "cpu", progress=False, kernel=kernel)
     monkeypatch.setenv(graphs.STEPS_ENV, "4")
     eager_graphs.on = True
-    graphed = fused.fit_group(specs, tiny_data, "cpu", progress=False, kernel=kernel)
+    graphed = engine.fit(specs, tiny_data, "cpu", progress=False, kernel=kernel)
     assert [len(g.static) for g in eager_graphs] == [4, 1]
     assert eager_graphs[0].static.shape == (4, 3, 24)  # (steps, members, batch)
     for g, e in zip(graphed, eager, strict=True):
@@ -187,9 +208,9 @@ def test_cuda_multi_step_graphs_train_like_one_step_graphs(tiny_data, monkeypatc
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     spec = replace(SPEC, epochs=3)
-    one = train.fit(spec, tiny_data, "cuda", progress=False)
+    one = engine.fit(spec, tiny_data, "cuda", progress=False)
     monkeypatch.setenv(graphs.STEPS_ENV, steps)
-    many = train.fit(spec, tiny_data, "cuda", progress=False)
+    many = engine.fit(spec, tiny_data, "cuda", progress=False)
     assert one.graph_steps == 1 and many.graph_steps == {"4": 4, "epoch": 10}[steps]
     assert many.capture_error is None and many.train_images == one.train_images
     for a, b in zip(many.history, one.history, strict=True):
@@ -198,14 +219,14 @@ def test_cuda_multi_step_graphs_train_like_one_step_graphs(tiny_data, monkeypatc
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("kernel", fused.KERNELS)
+@pytest.mark.parametrize("kernel", kernels.KERNELS)
 def test_cuda_fused_group_with_a_whole_epoch_per_graph(tiny_data, monkeypatch, kernel):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     specs = [replace(SPEC, epochs=3, seed=s, lr=lr) for s, lr in ((0, 0.001), (1, 0.003), (2, 0.01))]
-    one = fused.fit_group(specs, tiny_data, "cuda", progress=False, kernel=kernel)
+    one = engine.fit(specs, tiny_data, "cuda", progress=False, kernel=kernel)
     monkeypatch.setenv(graphs.STEPS_ENV, "epoch")
-    many = fused.fit_group(specs, tiny_data, "cuda", progress=False, kernel=kernel)
+    many = engine.fit(specs, tiny_data, "cuda", progress=False, kernel=kernel)
     for a, b in zip(many, one, strict=True):
         assert a.status == "ok" and a.graph_steps == 10 and a.capture_error is None
         for x, y in zip(a.history, b.history, strict=True):

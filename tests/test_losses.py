@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxr import losses, models, selection, spec, train
+from cxr import losses, models, selection, spec, sweep
 from cxr.evaluate import evaluate_weights
 from cxr.spec import ExperimentSpec
 
@@ -88,7 +88,7 @@ def test_k_focal_selects_the_focal_runs_and_ce_does_not():
 
 def test_a_focal_run_trains_and_its_weights_evaluate(tiny_data, tmp_path):
     s = ExperimentSpec(name="f", loss="focal", epochs=3, lr=0.01, width=4)
-    r = train.run(s, tmp_path, "cpu", data=tiny_data, progress=False)
+    r = sweep.run(s, tmp_path, "cpu", data=tiny_data, progress=False)
     assert r.status == "ok" and r.spec["loss"] == "focal" and r.history[-1]["train_loss"] < r.history[0]["train_loss"]
     x, y = tiny_data.test.x[:, 0].numpy(), tiny_data.test.y.numpy()
     normal, pneumonia = tmp_path / "test_normal.npy", tmp_path / "test_pneumonia.npy"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cxr import data, results, spec, train
+from cxr import data, engine, recipe, results, spec, sweep
 from cxr.models import infer_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -32,7 +32,7 @@ def test_recipe_is_not_part_of_the_default_suite():
 
 def test_recipe_settings_train_one_epoch_on_tiny_data(tiny_data, tmp_path):
     s = replace(spec.load_file(RECIPE)[0], epochs=1, batch_size=32)
-    r = train.run(s, tmp_path, "cpu", data=tiny_data, progress=False)
+    r = sweep.run(s, tmp_path, "cpu", data=tiny_data, progress=False)
     assert r.status == "ok" and r.best_epoch == 1 and r.spec["ema"] == s.ema
     assert 0 <= r.test("auroc") <= 1 and len(r.predictions["y_score"]) == tiny_data.test.n
     # the saved (averaged) weights are a plain state dict that `cxr-bench evaluate` can load
@@ -74,7 +74,7 @@ def test_ema_is_validated(value, message):
 
 def test_ema_model_averages_weights_and_batchnorm_statistics():
     model = torch.nn.Sequential(torch.nn.Linear(1, 1, bias=False), torch.nn.BatchNorm1d(1))
-    ema = train.ema_model(model, 0.75)
+    ema = recipe.ema_model(model, 0.75)
     for value in (4.0, 8.0):  # the first update copies, then ema = 0.75 ema + 0.25 new
         model[0].weight.data.fill_(value)
         model[1].running_mean.fill_(value)
@@ -84,8 +84,8 @@ def test_ema_model_averages_weights_and_batchnorm_statistics():
 
 def test_fit_with_ema_validates_and_returns_the_average(tiny_data):
     base = spec.ExperimentSpec(epochs=2, width=4, select="last")
-    plain = train.fit(base, tiny_data, "cpu", progress=False)
-    averaged = train.fit(replace(base, ema=0.9), tiny_data, "cpu", progress=False)
+    plain = engine.fit(base, tiny_data, "cpu", progress=False)
+    averaged = engine.fit(replace(base, ema=0.9), tiny_data, "cpu", progress=False)
     # same training trajectory (the average does not feed back), different validated model
     assert [h["train_loss"] for h in averaged.history] == [h["train_loss"] for h in plain.history]
     assert averaged.history[-1]["val_loss"] != plain.history[-1]["val_loss"]
@@ -95,7 +95,7 @@ def test_fit_with_ema_validates_and_returns_the_average(tiny_data):
                                                     plain.model.state_dict().values(), strict=True)]
     assert any(differs)
     # a decay of (almost) 0 follows the weights: the average is the model itself
-    follow = train.fit(replace(base, ema=1e-12), tiny_data, "cpu", progress=False)
+    follow = engine.fit(replace(base, ema=1e-12), tiny_data, "cpu", progress=False)
     for a, b in zip(follow.model.state_dict().values(), plain.model.state_dict().values(), strict=True):
         assert torch.allclose(a.float(), b.float(), atol=1e-6)
 
@@ -105,7 +105,7 @@ def test_recipe_settings_with_ema_on_cuda(tiny_data):
     if not torch.cuda.is_available():
         pytest.skip("no CUDA GPU")
     s = replace(spec.load_file(RECIPE)[0], epochs=2, batch_size=32)
-    fitted = train.fit(s, tiny_data, "cuda", progress=False)
+    fitted = engine.fit(s, tiny_data, "cuda", progress=False)
     assert fitted.status == "ok" and next(fitted.model.parameters()).is_cuda
     no_aug = replace(s, augment_shift=0.0, augment_rotate=0.0, augment_scale=0.0)  # the CUDA-graph path
-    assert train.fit(no_aug, tiny_data, "cuda", progress=False).status == "ok"
+    assert engine.fit(no_aug, tiny_data, "cuda", progress=False).status == "ok"

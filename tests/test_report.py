@@ -85,7 +85,7 @@ def fabricate(kw: dict, task: Task, seed: int, *, acc: float = 0.85, status: str
               n_test: int = 60, epochs: int = 4, error: str | None = None, stop_epoch: int = 2,
               index: int = 0, fingerprint: dict | None = FINGERPRINT,
               training_version: int | None = 1, bias: float = 0.0, shared: float = 0.0) -> record.RunRecord:
-    """One run record as cxr.train.run writes it; numbers are deterministic in (id, seed). Every run is
+    """One run record as cxr.sweep.run writes it; numbers are deterministic in (id, seed). Every run is
     trained on the same data (FINGERPRINT) by training version 1 unless told otherwise; fingerprint None
     is a record with no identity, as schema version 1 files are read. The decision follows the spec
     (decision, tta): predictions and "test" under it, "test_plain" of the plain outputs (argmax, no TTA)

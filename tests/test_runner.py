@@ -245,7 +245,7 @@ def test_throughput_reports_the_ratio_per_batch_size(pytester, tmp_path):
                                            "--device", "cpu", "--throughput-images", "64", "-k", "not fused",
                                            "--benchmark-json", tmp_path / "t.json", timeout=120)
     result.assert_outcomes(passed=3, deselected=9)
-    result.stdout.fnmatch_lines(["*cxr-bench throughput: engine (cxr.train.fit) vs the course loop*",
+    result.stdout.fnmatch_lines(["*cxr-bench throughput: engine (cxr.engine.fit) vs the course loop*",
                                  "*64 images per timed pass, best of 3*",
                                  "   32 *x *%*", "   64 *x *%*", "  128 *x *%*"])
     rows = [b["extra_info"] for b in json.loads((tmp_path / "t.json").read_text())["benchmarks"]]
