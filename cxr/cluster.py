@@ -14,6 +14,9 @@ whole sweep:
 - runs of one identity ("twins", e.g. Task A's CE run is Task B's lr 0.001 run) train once, anywhere in
   the sweep (under --rerun too, where run_group copies within a unit only); the others become copies
   when that result arrives (and train on their own if it failed);
+- a task saves each run's checkpoint at the end of every epoch through an actor (`_Relay`); the driver
+  writes them into the store while it waits, a retried task resumes from them, and a unit whose runs
+  have checkpoints in the store resumes from those (cxr.sweep.StoreCheckpoints' rules);
 - each run is stored exactly once, when its task's result arrives (cxr.sweep.store: atomic, an ok result
   is never replaced by a failed one). A task lost with its node or worker is retried by Ray
   (`max_retries`); ordinary exceptions are not retried (train_unit records them as failed runs), and a
@@ -33,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import logging
 import os
 import sys
@@ -49,6 +53,7 @@ from cxr.record import RunRecord
 from cxr.spec import ExperimentSpec
 
 INSTALL = 'pip install -e ".[ray]"'
+CHECKPOINT_POLL = 2.0  # seconds between the driver's writes of the tasks' new checkpoints into the store
 MAX_RETRIES = 3  # Ray's retries of a task whose worker or node died (not of ordinary exceptions)
 Result = RunRecord | results.Claimed
 
@@ -118,8 +123,60 @@ def _connect(ray, address: str) -> None:
         raise RayError(f"--ray {address}: cannot start or join the Ray cluster ({one_line(e)})") from None
 
 
-def _train_task(specs: list[ExperimentSpec], threads: int, device: str) -> list[unit.Trained]:
-    """On a worker: load the unit's data, train it (cxr.unit.train_unit) and return its runs."""
+class _Relay:
+    """A Ray actor that carries checkpoints between the tasks and the driver, which alone writes the store:
+    a task saves each run's checkpoint here at the end of every epoch and a retried task loads it back;
+    the driver puts the store's checkpoints in before a unit starts and takes the new ones out into the
+    store while it waits (so a later `cxr-bench run` resumes too). Blobs are checkpoint files' bytes."""
+
+    def __init__(self):
+        self.blobs: dict[str, bytes] = {}
+        self.new: dict[str, bytes | None] = {}
+
+    def put(self, run_id: str, blob: bytes, from_store: bool = False) -> None:
+        self.blobs[run_id] = blob
+        if not from_store:
+            self.new[run_id] = blob
+
+    def get(self, run_id: str) -> bytes | None:
+        return self.blobs.get(run_id)
+
+    def drop(self, run_id: str) -> None:
+        self.blobs.pop(run_id, None)
+        self.new[run_id] = None
+
+    def take(self) -> dict[str, bytes | None]:
+        new, self.new = self.new, {}
+        return new
+
+
+class _RelayCheckpoints:
+    """cxr.engine.Checkpoints on a worker, through the driver's _Relay."""
+
+    def __init__(self, relay, data: data_mod.Dataset):
+        self.relay, self.data = relay, data
+
+    def load(self, spec: ExperimentSpec) -> dict | None:
+        import ray
+
+        blob = ray.get(self.relay.get.remote(spec.run_id))
+        return None if blob is None else torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["state"]
+
+    def save(self, spec: ExperimentSpec, state: dict) -> None:
+        import ray
+
+        buf = io.BytesIO()
+        torch.save({"identity": unit.identity(spec, self.data), "run": spec.run_id, "state": state}, buf)
+        ray.get(self.relay.put.remote(spec.run_id, buf.getvalue()))  # there before the next epoch starts
+
+    def discard(self, spec: ExperimentSpec, why: str) -> None:
+        print(f"cxr-bench: {spec.run_id}: checkpoint {why}; discarded, the run starts over", file=sys.stderr)
+        self.relay.drop.remote(spec.run_id)
+
+
+def _train_task(specs: list[ExperimentSpec], threads: int, device: str, relay=None) -> list[unit.Trained]:
+    """On a worker: load the unit's data, train it (cxr.unit.train_unit; resuming from and saving
+    checkpoints through `relay`) and return its runs."""
     import ray
 
     torch.set_num_threads(threads)  # the driver's: CPU results then match a sequential run's
@@ -129,7 +186,8 @@ def _train_task(specs: list[ExperimentSpec], threads: int, device: str) -> list[
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
     return [dataclasses.replace(t, record=dataclasses.replace(t.record, environment={**t.record.environment,
                                                                                        **where}))
-            for t in unit.train_unit(specs, data, dev, progress=False)]
+            for t in unit.train_unit(specs, data, dev, progress=False,
+                                     checkpoints=_RelayCheckpoints(relay, data) if relay is not None else None)]
 
 
 class _Sweep:
@@ -194,15 +252,19 @@ class _Sweep:
             say(f"Ray cluster of {len([n for n in ray.nodes() if n.get('Alive')])} nodes, {have.get('CPU', 0):g} "
                 f"CPUs, {have.get('GPU', 0):g} GPUs; each task: {gpus:g} GPU, {cpus:g} CPU, {self.threads} "
                 f"torch threads, device {on}")
+        self.relay = ray.remote(num_cpus=0)(_Relay).remote()
         try:
             for runs in self.todo.values():
                 self._submit(runs)
             while self.pending:
-                ready, _ = ray.wait(list(self.pending), num_returns=1)
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=CHECKPOINT_POLL)
+                self._checkpoints()
                 for ref in ready:
                     self._arrived(self.pending.pop(ref), ref)
                 self._notify()
         except BaseException:
+            with contextlib.suppress(Exception):  # what the tasks saved so far: the next run resumes from it
+                self._checkpoints()
             for ref in self.pending:  # Ctrl-C or an error for every run: stop the rest, keep what is stored
                 with contextlib.suppress(Exception):
                     ray.cancel(ref)
@@ -220,8 +282,13 @@ class _Sweep:
 
     def _submit(self, runs: list[int]) -> None:
         for i in runs:
-            self.previous[i] = results.stored(self.out, self.specs[i])
-        ref = self.task.remote([self.specs[i] for i in runs], self.threads, self.device)
+            spec = self.specs[i]
+            self.previous[i] = results.stored(self.out, spec)
+            data = data_mod.load(spec.dataset, spec.image_size)
+            if sweep.StoreCheckpoints(self.out, data, self.rerun).load(spec) is not None:  # same identity, readable
+                self.ray.get(self.relay.put.remote(spec.run_id, results.checkpoint_path(self.out, spec).read_bytes(),
+                                                   True))
+        ref = self.task.remote([self.specs[i] for i in runs], self.threads, self.device, self.relay)
         self.pending[ref] = runs
 
     def _arrived(self, runs: list[int], ref) -> None:
@@ -237,6 +304,18 @@ class _Sweep:
         for i, t in zip(runs, trained, strict=True):
             self._finish(i, sweep.store(self.out, self.specs[i], t, self.previous[i]))
             self._twins(i)
+
+    def _checkpoints(self) -> None:
+        """Write the checkpoints the tasks saved since the last call into the store (runs still training)."""
+        training = {self.specs[i].run_id: i for runs in self.pending.values() for i in runs}
+        for run_id, blob in self.ray.get(self.relay.take.remote()).items():
+            if run_id not in training:
+                continue
+            spec = self.specs[training[run_id]]
+            if blob is None:  # discarded by the task
+                sweep.delete_checkpoint(self.out, spec)
+            else:
+                results.atomic_write(results.checkpoint_path(self.out, spec), lambda f, b=blob: f.write(b))
 
     def _lost(self, i: int, e: BaseException) -> unit.Trained:
         spec = self.specs[i]

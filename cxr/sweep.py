@@ -209,8 +209,8 @@ def run_group(specs: list[ExperimentSpec], out: str | Path = "results", device: 
             served = serve(out, spec, identity(spec, data)) if not rerun else \
                 copy_twin(out, spec, done[first[identity(spec, data)]])
             if served is None:
-                prev = results.stored(out, spec)
-                served = store(out, spec, unit.train_unit([spec], data, dev, progress, checkpoints=checkpoints)[0], prev)
+                alone = unit.train_unit([spec], data, dev, progress, checkpoints=checkpoints)[0]
+                served = store(out, spec, alone, results.stored(out, spec))
             done[i] = served
     return done
 

@@ -128,6 +128,53 @@ class TestDeclaredGpus:
         again = cluster.run_on_ray(units, tmp_path / "ray", None, progress=False)
         assert all(r.cached for r in again) and _store(tmp_path / "ray") == _store(tmp_path / "seq")
 
+    def test_a_task_whose_worker_dies_resumes_from_its_last_epoch(self, tmp_path, monkeypatch):
+        """The worker dies (os._exit) right after the first epoch's checkpoint; Ray retries the task, which
+        resumes from that checkpoint (through the driver's relay) and ends as a sequential run."""
+        (spec,) = selection.select(_spec_files(tmp_path, twin=False), epochs=3, keyword_expr="lr0.001 and bs32")
+        marker = tmp_path / "died"
+
+        def dying_task(specs, threads, device, relay=None, _train=cluster._train_task, _marker=str(marker)):
+            import os
+            from pathlib import Path
+
+            from cxr import cluster as here
+
+            real = here._RelayCheckpoints.save
+
+            def save(self, s, state):
+                real(self, s, state)
+                if state["epoch"] == 1 and not Path(_marker).exists():
+                    Path(_marker).touch()
+                    os._exit(1)  # the worker process dies, as with a lost node
+
+            here._RelayCheckpoints.save = save
+            return _train(specs, threads, device, relay)
+
+        monkeypatch.setattr(cluster, "_train_task", dying_task)
+        (rec,) = cluster.run_on_ray([[spec]], tmp_path / "ray", None, gpus_per_task=0, device="cpu", progress=False)
+        assert marker.exists() and rec.ok and rec.timing["resumed_after_epoch"] == 1
+        _same_run(rec, sweep.run(spec, tmp_path / "seq", "cpu", progress=False))
+        assert not list((tmp_path / "ray").rglob("*.checkpoint.pt"))
+
+    def test_a_unit_resumes_from_the_stores_checkpoint(self, tmp_path, monkeypatch):
+        """A local run killed after epoch 2 left its checkpoint in the store; --ray resumes from it."""
+        (spec,) = selection.select(_spec_files(tmp_path, twin=False), epochs=3, keyword_expr="lr0.01 and bs64")
+        real = sweep.StoreCheckpoints.save
+
+        def killed(self, s, state):
+            real(self, s, state)
+            if state["epoch"] == 2:
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(sweep.StoreCheckpoints, "save", killed)
+        with pytest.raises(KeyboardInterrupt):
+            sweep.run(spec, tmp_path / "ray", "cpu", progress=False)
+        monkeypatch.undo()
+        (rec,) = cluster.run_on_ray([[spec]], tmp_path / "ray", None, gpus_per_task=0, device="cpu", progress=False)
+        assert rec.ok and rec.timing["resumed_after_epoch"] == 2
+        _same_run(rec, sweep.run(spec, tmp_path / "seq", "cpu", progress=False))
+
     def test_ctrl_c_cancels_the_rest_and_keeps_what_finished(self, tmp_path):
         specs = selection.select(_spec_files(tmp_path, twin=False))
         units = sweep.groups(specs)
@@ -154,7 +201,7 @@ def test_2_a_node_lost_mid_sweep_loses_no_run_and_stores_none_twice(one_thread, 
     started = tmp_path / "started"  # each task touches <run id>@<node id>@<time> here as it starts
     started.mkdir()
 
-    def slow_task(specs, threads, device, _train=cluster._train_task, _started=str(started)):
+    def slow_task(specs, threads, device, relay=None, _train=cluster._train_task, _started=str(started)):
         import time
         from pathlib import Path
 
@@ -162,7 +209,7 @@ def test_2_a_node_lost_mid_sweep_loses_no_run_and_stores_none_twice(one_thread, 
 
         Path(_started, f"{specs[0].run_id}@{ray.get_runtime_context().get_node_id()}@{time.time()}").touch()
         time.sleep(0.5)  # long enough for the test to remove the node while the task runs there
-        return _train(specs, threads, device)
+        return _train(specs, threads, device, relay)
 
     monkeypatch.setattr(cluster, "_train_task", slow_task)  # a closure: Ray ships it by value
     fast = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 500, "health_check_failure_threshold": 3}

@@ -281,8 +281,8 @@ def test_cuda_fused_group_captures_one_graph_and_trains_like_lone_runs(tiny_data
 
 
 def test_a_failing_group_trains_its_runs_alone(tiny_data, monkeypatch, capsys, tmp_path):
-    """A fault of fusion (here: engine.fit raising for the group) must not cost the runs: each trains alone, and its record
-    says why (timing.fused_error)."""
+    """A fault of fusion (here: engine.fit raising for the group) must not cost the runs: each trains alone,
+    and its record says why (timing.fused_error)."""
     specs = [replace(SPEC, seed=s, epochs=1) for s in (0, 1)]
 
     real_fit = engine.fit
