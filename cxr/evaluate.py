@@ -77,7 +77,7 @@ def evaluate_split(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: t
     predictions under `decision` (rule and TTA, cxr.decision); with a decision other than the plain
     argmax, also "plain": the metrics of the same weights under the plain argmax rule, without TTA.
     The loss is that of the plain outputs (the head's negative log-likelihood). `logits`: the model's
-    plain logits on x when already computed (cxr.fused evaluates a group in one batched forward)."""
+    plain logits on x when already computed (cxr.unit evaluates a fused group in one batched forward)."""
     logits = predict_logits(model, x, device) if logits is None else logits
     y_cpu, y_np = y.cpu(), y.cpu().numpy()
     head = losses.for_outputs(logits.shape[1])

@@ -1,5 +1,5 @@
 """The pieces of a training recipe that are not the loop: the optimizer, the learning-rate schedule as
-a pure function of the step, the on-device affine augmentation, and the weight EMA (cxr.train runs them)."""
+a pure function of the step, the on-device affine augmentation, and the weight EMA (cxr.engine runs them)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from cxr.spec import ExperimentSpec
 
 def make_optimizer(spec: ExperimentSpec, params, device: torch.device | None = None) -> torch.optim.Optimizer:
     """The spec's optimizer. On CUDA, Adam/AdamW are capturable with the lr in a device tensor,
-    so that a CUDA graph of the training step can replay them (see TrainStep)."""
+    so that a CUDA graph of the training step can replay them (cxr.engine.Step)."""
     if spec.optimizer in ("adam", "adamw"):
         cls = torch.optim.Adam if spec.optimizer == "adam" else torch.optim.AdamW
         if device is not None and device.type == "cuda":

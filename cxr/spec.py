@@ -70,7 +70,7 @@ class ExperimentSpec:
     seed: int = 0
     # Bookkeeping, not part of the training recipe (excluded from spec_hash):
     fuse: bool = True  # may train together with the sweep's compatible runs as one batched model
-    #                    (cxr.fused); false: always alone. How a run is executed, not what it learns
+    #                    (cxr.engine); false: always alone. How a run is executed, not what it learns
     title: str = ""  # the question the file answers, e.g. "Task A: BCE vs CE": the report's heading
     sweep: tuple[str, ...] = ()  # grid keys of the file this came from, e.g. ("lr",)
     grid: tuple[tuple[str, tuple], ...] = ()  # the file's whole [grid], e.g. (("lr", (0.001, 0.01, 0.1)),):

@@ -1,4 +1,4 @@
-"""Sweep fusion (cxr.fused): which runs form a group, and that a member of a group trains as its lone run
+"""Sweep fusion (cxr.engine, cxr.kernels): which runs form a group, and that a member of a group trains as its lone run
 does: the same initial weights and batch order, the same first-step loss (1e-6 relative) and first epoch
 (1e-3), the same results over a full run within the seed-to-seed spread, its own divergence, and
 deterministic CPU training. Both kernels are tested here on the CPU: "grouped" (what CUDA runs) and

@@ -1,6 +1,6 @@
 """The Markdown report: golden files on fabricated results, figure links, sentences, benchmarks.
 
-Result files are fabricated here as cxr.train writes them: cxr.spec for the spec and id (with the
+Result files are fabricated here as cxr.sweep writes them: cxr.spec for the spec and id (with the
 title and grid of the shipped spec files), cxr.metrics for the metrics, cxr.record.RunRecord (schema
 version 2, checked against its JSON Schema) stored with cxr.results.write, with fixed dates and commit,
 so the rendered Markdown is byte-stable. Regenerate the golden files after an intended change:

@@ -275,7 +275,7 @@ def test_fused_throughput_reports_each_kernel_against_sequential(pytester, tmp_p
                                            "-k", "fused and members3 and batch32",
                                            "--benchmark-json", tmp_path / "f.json", timeout=120)
     result.assert_outcomes(passed=1, deselected=11)
-    result.stdout.fnmatch_lines(["*cxr-bench fused training: a group at once (cxr.fused) vs its runs one after*",
+    result.stdout.fnmatch_lines(["*cxr-bench fused training: a group at once (cxr.engine) vs its runs one after*",
                                  "*64 images per member and pass*default kernel loop",
                                  "memory roofline: * GB/s measured / * bytes per training image*",
                                  "      3    32 * *x *x *x *x *%",

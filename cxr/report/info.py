@@ -67,7 +67,7 @@ def run_info(results: list[RunRecord]) -> dict:
     fresh = [r for r in results if not r.reused_from]  # copies would count their time twice
     started = [t for t in (_time(e.get("started_at")) for e in env) if t]
     finished = [t for t in (_time(e.get("finished_at")) for e in env) if t]
-    # A fused group's runs (cxr.fused) trained at once: each one's train_seconds is the group's, so a group
+    # A fused group's runs (cxr.engine) trained at once: each one's train_seconds is the group's, so a group
     # counts its longest member's once.
     groups: dict[frozenset, float] = {}
     for r in fresh:
