@@ -185,23 +185,39 @@ def fusion_group(spec: spec_mod.ExperimentSpec) -> str:
     return f"fuse-{hashlib.sha256(repr(key).encode()).hexdigest()[:12]}" if key else spec.run_id
 
 
+def _check_dist(config: pytest.Config, settings: Settings) -> None:
+    """`-n N` with a --dist mode that would split a fused group (or run a case in several workers) is a
+    usage error: the workers would then find each other's runs claimed and skip them."""
+    dist = config.getoption("dist", "no")
+    if dist == "no" or not config.getoption("tx", None):  # not distributing (an xdist worker runs as "no")
+        return
+    if dist == "each":
+        raise pytest.UsageError("--dist each runs every case in every worker, so they would train the same "
+                                "runs; use --dist load (the default here)")
+    if dist == "worksteal" and settings.fuse:  # it moves single cases between workers; --no-fuse has no groups
+        raise pytest.UsageError("--dist worksteal cannot keep a fused group on one worker; use --dist load "
+                                "(the default here) or --no-fuse")
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config: pytest.Config, log):
-    """`pytest benchmarks -n N` (xdist's load mode): hand out whole fused groups, so that a group's cases run
-    in one worker and train there as one group (xdist's own --dist loadgroup would need marks, and with
-    pytest 9.2 it does not group at all: pytest-dev/pytest-xdist#1386). Other cases go out one by one."""
-    if config.getvalue("dist") != "load" or SETTINGS not in config.stash:
+    """`pytest benchmarks -n N` (xdist's load and loadgroup modes): hand out whole fused groups, so that a group's
+    cases run in one worker and train there as one group (xdist's own loadgroup would need marks, and with
+    pytest 9.2 it does not group at all: pytest-dev/pytest-xdist#1386). Other cases go out one by one, or by
+    their xdist_group mark under loadgroup. loadscope and loadfile keep xdist's schedulers: every experiment
+    case is in one module, so its group is too; each and worksteal are refused (_check_dist)."""
+    if config.getvalue("dist") not in ("load", "loadgroup") or SETTINGS not in config.stash:
         return None
-    from xdist.scheduler import LoadScopeScheduling
+    from xdist.scheduler import LoadGroupScheduling
 
     groups = {s.run_id: fusion_group(s) for s in config.stash[SETTINGS].specs}
 
-    class FusedGroupScheduling(LoadScopeScheduling):
+    class FusedGroupScheduling(LoadGroupScheduling):
         def _split_scope(self, nodeid: str) -> str:
             case = nodeid.rpartition("::")[2]
             if case.startswith("test_experiment[") and case.endswith("]"):
                 return groups.get(case[len("test_experiment["):-1], nodeid)
-            return nodeid
+            return super()._split_scope(nodeid)  # under load a nodeid has no @group: the case alone
 
     return FusedGroupScheduling(config, log)
 
@@ -233,6 +249,7 @@ def pytest_configure(config: pytest.Config) -> None:
     if config.getoption("help"):
         return  # --help works even with broken spec files
     settings = _settings(config)
+    _check_dist(config, settings)
     config.stash[SETTINGS] = settings
     config.stash[EXPERIMENT_ROWS] = []
     config.stash[THROUGHPUT_ROWS] = []

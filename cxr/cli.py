@@ -38,15 +38,21 @@ def cmd_run(args) -> int:
     from cxr.env import resolve_device
     from cxr.unit import identity
 
+    index, count = selection.parse_shard(args.shard) if args.shard else (0, 1)
     specs = _specs(args)
-    if args.shard:
-        specs = selection.shard(specs, *selection.parse_shard(args.shard))
     if not specs:
         print("cxr-bench run: no experiments selected", file=sys.stderr)
         return USER_ERROR
+    selected = len(specs)
+    if args.shard:
+        specs = selection.shard(specs, index, count)
     sweep.check_environment()  # CXR_FUSE_KERNEL, CXR_GRAPH_STEPS
     if args.gpus_per_task is not None and not args.ray:
         raise CxrError("--gpus-per-task: only with --ray (a local run uses one device, --device)")
+    if not specs:  # more shards than recipes: this job-array task has nothing to do, which is no failure
+        print(f"cxr-bench run: shard {index}/{count} is empty ({selected} run{'s' * (selected > 1)} selected, "
+              f"dealt to {count} shards by recipe); nothing to do")
+        return 0
     if args.ray:  # --ray (cxr.cluster): refuse before any work when Ray is missing; the driver needs no GPU
         from cxr import cluster
 
@@ -235,8 +241,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.filename}: " if e.filename else ""
         print(f"cxr-bench {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
         return USER_ERROR
-    except KeyboardInterrupt:
-        print("interrupted; finished runs are stored and will not be repeated", file=sys.stderr)
+    except KeyboardInterrupt:  # a run's checkpoint (seed-<n>.checkpoint.pt) holds its last complete epoch
+        print("interrupted; finished runs are stored, and runs cut short resume from their last complete epoch "
+              "at the next cxr-bench run" if args.command == "run" else "interrupted", file=sys.stderr)
         return 130
 
 

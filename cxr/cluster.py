@@ -30,6 +30,10 @@ GPU task for one; the worker uses the driver's torch thread count, so CPU result
 sequential run. Each GPU task runs in a fresh worker process (max_calls=1), so a unit's GPU memory is
 freed when it ends. Each record's environment also says where it ran: `ray_node_id` and
 `cuda_visible_devices`.
+
+Ray never starts a task that no node can hold (it waits, for a node an autoscaler may add), so the driver
+refuses in one line when no alive node has one task's GPUs and CPUs, and says in one line what the tasks
+wait for when none has started or finished for AWAIT_NOTICE seconds.
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import io
 import logging
 import os
 import sys
+import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -55,6 +61,7 @@ from cxr.spec import ExperimentSpec
 INSTALL = 'pip install -e ".[ray]"'
 CHECKPOINT_POLL = 2.0  # seconds between the driver's writes of the tasks' new checkpoints into the store
 MAX_RETRIES = 3  # Ray's retries of a task whose worker or node died (not of ordinary exceptions)
+AWAIT_NOTICE = 30.0  # seconds without a task starting or finishing before one line says what the rest await
 Result = RunRecord | results.Claimed
 
 
@@ -87,8 +94,9 @@ def run_on_ray(units: Sequence[Sequence[ExperimentSpec]], out: str | Path, addre
     gpus_per_task: GPUs per unit (default 1 when the cluster has GPUs and device is not "cpu", else 0).
     device: "auto" (cuda when the task was given GPUs), "cpu" (always, even when given GPUs) or "cuda".
     on_result(spec, result) is called once per run as it finishes (served runs first); say(line) gets one
-    line describing the cluster. Ctrl-C cancels the outstanding tasks and raises KeyboardInterrupt; the
-    runs stored until then stay stored.
+    line describing the cluster, and one whenever tasks have waited AWAIT_NOTICE seconds to start (stderr
+    when say is None). RayError, before any task, when no alive node can hold one task. Ctrl-C cancels the
+    outstanding tasks and raises KeyboardInterrupt; the runs stored until then stay stored.
     """
     ray = import_ray()
     if gpus_per_task is not None and (not gpus_per_task >= 0 or (gpus_per_task > 1 and gpus_per_task % 1)):
@@ -103,7 +111,7 @@ def run_on_ray(units: Sequence[Sequence[ExperimentSpec]], out: str | Path, addre
             if address is not None:
                 _connect(ray, address)
                 started = True
-            sweep.train(ray, gpus_per_task, max_retries, say)
+            sweep.train(ray, gpus_per_task, max_retries, say, address)
         return sweep.done
     finally:
         sweep.close()
@@ -123,6 +131,25 @@ def _connect(ray, address: str) -> None:
         raise RayError(f"--ray {address}: cannot start or join the Ray cluster ({one_line(e)})") from None
 
 
+def _check_fits(ray, gpus: float, cpus: float, address: str | None) -> None:
+    """RayError when no alive node has `gpus` GPUs and `cpus` CPUs: Ray would wait for one forever (or
+    until an autoscaler adds one, which "local" never does)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    if any(r.get("GPU", 0) >= gpus and r.get("CPU", 0) >= cpus for r in nodes):
+        return
+    asked = f"each task asks for {gpus:g} GPU{'s' * (gpus > 1)} and {cpus:g} CPU{'s' * (cpus > 1)}"
+    kinds = Counter((r.get("CPU", 0), r.get("GPU", 0)) for r in nodes)
+    has = ", ".join(f"{k} x ({c:g} CPUs, {g:g} GPUs)" for (c, g), k in sorted(kinds.items())) or "none"
+    hint = "; --gpus-per-task 0 trains on the CPUs" if gpus else ""
+    if address == "local":  # one node, this machine: nothing will be added
+        c, g = next(iter(kinds), (0, 0))
+        raise RayError(f"--ray local: {asked}, and this machine has {c:g} CPUs and {g:g} GPUs, so no task "
+                       f"could ever start{hint}")
+    where = f"--ray {address}" if address else "Ray"
+    raise RayError(f"{where}: {asked}, and no alive node has that (nodes: {has}); a task would wait for a node "
+                   f"the cluster may never add{hint}")
+
+
 class _Relay:
     """A Ray actor that carries checkpoints between the tasks and the driver, which alone writes the store:
     a task saves each run's checkpoint here at the end of every epoch and a retried task loads it back;
@@ -132,6 +159,11 @@ class _Relay:
     def __init__(self):
         self.blobs: dict[str, bytes] = {}
         self.new: dict[str, bytes | None] = {}
+        self.started: list[str] = []
+
+    def begin(self, run_id: str) -> None:
+        """A task started (a unit is named by its first run): the driver tells waiting tasks from running ones."""
+        self.started.append(run_id)
 
     def put(self, run_id: str, blob: bytes, from_store: bool = False) -> None:
         self.blobs[run_id] = blob
@@ -145,9 +177,10 @@ class _Relay:
         self.blobs.pop(run_id, None)
         self.new[run_id] = None
 
-    def take(self) -> dict[str, bytes | None]:
-        new, self.new = self.new, {}
-        return new
+    def take(self) -> tuple[dict[str, bytes | None], list[str]]:
+        """The checkpoints saved and the tasks started since the last call."""
+        (new, self.new), (started, self.started) = (self.new, {}), (self.started, [])
+        return new, started
 
 
 class _RelayCheckpoints:
@@ -179,6 +212,8 @@ def _train_task(specs: list[ExperimentSpec], threads: int, device: str, relay=No
     checkpoints through `relay`) and return its runs."""
     import ray
 
+    if relay is not None:
+        relay.begin.remote(specs[0].run_id)
     torch.set_num_threads(threads)  # the driver's: CPU results then match a sequential run's
     dev = device if device != "auto" else ("cuda" if ray.get_gpu_ids() else "cpu")
     data = data_mod.load(specs[0].dataset, specs[0].image_size)
@@ -204,6 +239,8 @@ class _Sweep:
         self.waiting: dict[str, list[int]] = {}  # identity -> twins waiting for the first run's result
         self.previous: dict[int, RunRecord | None] = {}  # what the store held before training
         self.pending: dict = {}  # ObjectRef -> run indices of the unit it trains
+        self.started: set[str] = set()  # first run ids of the units whose task started
+        self.moved = time.monotonic()  # when a task last started or finished
         self.threads = torch.get_num_threads()
         show = sys.stderr.isatty() if progress is None else progress
         self.bar = tqdm(total=len(self.specs), desc="ray", unit="run", disable=not show, leave=False)
@@ -233,8 +270,9 @@ class _Sweep:
         self._notify()
         return bool(self.todo)
 
-    def train(self, ray, gpus_per_task: float | None, max_retries: int, say) -> None:
-        """Submit a task per unit, and store each run as its task's result arrives."""
+    def train(self, ray, gpus_per_task: float | None, max_retries: int, say, address: str | None = None) -> None:
+        """Submit a task per unit, and store each run as its task's result arrives; RayError first when no
+        alive node can hold a task (`address`, as given to run_on_ray, words it)."""
         self.ray = ray
         have = ray.cluster_resources()
         gpus = gpus_per_task if gpus_per_task is not None else float(bool(have.get("GPU")) and self.device != "cpu")
@@ -243,6 +281,8 @@ class _Sweep:
                            f"{have.get('GPU', 0):g} GPUs); give --gpus-per-task, e.g. 1")
         largest = max((n.get("Resources", {}).get("CPU", 0) for n in ray.nodes() if n.get("Alive")), default=0)
         cpus = 1 if gpus else max(1, min(self.threads, int(largest)))  # a CPU task runs `threads` threads
+        _check_fits(ray, gpus, cpus, address)
+        self.asks = f"{gpus:g} GPU, {cpus:g} CPU"
         # max_calls=1: a GPU task runs in a fresh worker process, which frees its GPU memory when the unit
         # ends and never keeps a CUDA context on the GPU of an earlier task (ray-project/ray#29624)
         self.task = ray.remote(num_gpus=gpus, num_cpus=cpus, max_calls=1 if gpus else 0, max_retries=max_retries,
@@ -256,12 +296,16 @@ class _Sweep:
         try:
             for runs in self.todo.values():
                 self._submit(runs)
+            self.moved, told = time.monotonic(), False
             while self.pending:
-                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=CHECKPOINT_POLL)
-                self._checkpoints()
+                ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=min(CHECKPOINT_POLL, AWAIT_NOTICE))
+                if self._checkpoints() or ready:
+                    self.moved, told = time.monotonic(), False
                 for ref in ready:
                     self._arrived(self.pending.pop(ref), ref)
                 self._notify()
+                if not told and time.monotonic() - self.moved >= AWAIT_NOTICE:
+                    told = self._awaiting(say)  # once until a task starts or finishes
         except BaseException:
             with contextlib.suppress(Exception):  # what the tasks saved so far: the next run resumes from it
                 self._checkpoints()
@@ -305,10 +349,30 @@ class _Sweep:
             self._finish(i, sweep.store(self.out, self.specs[i], t, self.previous[i]))
             self._twins(i)
 
-    def _checkpoints(self) -> None:
-        """Write the checkpoints the tasks saved since the last call into the store (runs still training)."""
+    def _awaiting(self, say) -> bool:
+        """One line on the tasks not started yet (if any): how many, what each asks for, what is free."""
+        waiting = [runs for runs in self.pending.values() if self.specs[runs[0]].run_id not in self.started]
+        if not waiting:
+            return False
+        have, free = self.ray.cluster_resources(), self.ray.available_resources()
+        line = (f"Ray: {len(waiting)} task{'s' * (len(waiting) > 1)} not started after "
+                f"{time.monotonic() - self.moved:.0f}s, each asking {self.asks}; the cluster has "
+                f"{free.get('CPU', 0):g} of {have.get('CPU', 0):g} CPUs and {free.get('GPU', 0):g} of "
+                f"{have.get('GPU', 0):g} GPUs free")
+        with tqdm.external_write_mode():
+            if say is not None:
+                say(line)
+            else:
+                print(f"cxr-bench: {line}", file=sys.stderr, flush=True)
+        return True
+
+    def _checkpoints(self) -> bool:
+        """Write the checkpoints the tasks saved since the last call into the store (runs still training);
+        whether a task started since the last call."""
         training = {self.specs[i].run_id: i for runs in self.pending.values() for i in runs}
-        for run_id, blob in self.ray.get(self.relay.take.remote()).items():
+        blobs, started = self.ray.get(self.relay.take.remote())
+        self.started.update(started)
+        for run_id, blob in blobs.items():
             if run_id not in training:
                 continue
             spec = self.specs[training[run_id]]
@@ -316,6 +380,7 @@ class _Sweep:
                 sweep.delete_checkpoint(self.out, spec)
             else:
                 results.atomic_write(results.checkpoint_path(self.out, spec), lambda f, b=blob: f.write(b))
+        return bool(started)
 
     def _lost(self, i: int, e: BaseException) -> unit.Trained:
         spec = self.specs[i]

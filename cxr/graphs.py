@@ -27,16 +27,16 @@ def available(device: torch.device) -> bool:
 
 
 def steps_per_graph(full_batches: int, between_steps: bool) -> int:
-    """Optimizer steps per captured graph: CXR_GRAPH_STEPS ("1", the default; an integer K; or "epoch",
-    every full batch of an epoch), at most the epoch's full batches; 1 when the host must act between
-    steps (an lr schedule, EMA)."""
-    text = os.environ.get(STEPS_ENV, "1").strip()
+    """Optimizer steps per captured graph: CXR_GRAPH_STEPS ("1", the default, also when unset or empty;
+    an integer K; or "epoch", every full batch of an epoch), at most the epoch's full batches; 1 when the
+    host must act between steps (an lr schedule, EMA)."""
+    text = os.environ.get(STEPS_ENV) or "1"  # empty is the default, as for CXR_FUSE_KERNEL
     if text == "epoch":
         steps = full_batches
     else:
-        try:
-            steps = int(text)
-        except ValueError:
+        try:  # ASCII digits only: int() alone would also take " 2 ", "+2", "1_0" and "٢"
+            steps = int(text) if text.isascii() and text.isdigit() else 0
+        except ValueError:  # more digits than Python converts (sys.get_int_max_str_digits)
             steps = 0
         if steps < 1:
             raise CxrError(f"{STEPS_ENV}={text!r}: expected a positive integer or 'epoch'")

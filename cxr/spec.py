@@ -6,6 +6,7 @@ the rest of the package trusts an ExperimentSpec.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import hashlib
@@ -350,15 +351,21 @@ def override(spec: ExperimentSpec, **changes) -> ExperimentSpec:
 
 
 def with_seeds(specs: list[ExperimentSpec], n: int) -> list[ExperimentSpec]:
-    """`--seeds N`: every experiment with seeds 0..N-1 instead of the file's seeds."""
-    if not isinstance(n, int) or n < 1:
+    """`--seeds N`: every experiment with seeds 0..N-1 instead of the file's seeds. MAX_RUNS per file holds
+    for the runs this makes (grid points x N), checked before any is made."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
         raise SpecError(f"<command line>: --seeds {n!r}: expected an integer >= 1")
-    out, seen = [], set()
+    points: dict[str, ExperimentSpec] = {}  # id -> its first spec: one per grid point
     for spec in specs:
-        if spec.id not in seen:
-            seen.add(spec.id)
-            out.extend(dataclasses.replace(spec, seed=s) for s in range(n))
-    return out
+        points.setdefault(spec.id, spec)
+    per_file = collections.Counter(spec.source for spec in points.values())
+    if per_file:
+        source, k = per_file.most_common(1)[0]
+        if k * n > MAX_RUNS:
+            raise SpecError(f"<command line>: --seeds {n:,}: {source or '<spec>'} would expand to {k * n:,} runs "
+                            f"({k:,} grid point{'s' * (k > 1)} x {n:,} seeds); at most {MAX_RUNS:,} per file "
+                            "(cxr.spec.MAX_RUNS)")
+    return [dataclasses.replace(spec, seed=s) for spec in points.values() for s in range(n)]
 
 
 def from_dict(d: dict) -> ExperimentSpec:

@@ -13,9 +13,10 @@
 #
 # Exits with pytest's status (the report is still written when some cases failed), or with the
 # report's status when pytest passed and the report did not; 2 on a bad setting.
-# SIGTERM (docker stop) or SIGINT (Ctrl-C): pytest is stopped, the report of the runs that finished is
-# rendered, and the exit status is 143 or 130. In the image this script runs under tini (PID 1), which
-# passes the signals on: a shell that is PID 1 would ignore SIGTERM while it waits for pytest.
+# SIGTERM (docker stop) or SIGINT (Ctrl-C): pytest is stopped with its workers (pytest-xdist -n N), the
+# report of the runs that finished is rendered once they have all ended, and the exit status is 143 or
+# 130. In the image this script runs under tini (PID 1), which passes the signals on: a shell that is
+# PID 1 would ignore SIGTERM while it waits for pytest.
 set -euo pipefail
 
 project_dir="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -32,22 +33,56 @@ absolute() {  # a path relative to the caller's directory, made absolute (it may
     esac
 }
 
-# SIGTERM/SIGINT are taken from here on: pytest runs in the background so that this shell can take
-# them while it runs, and stop() ends it with SIGTERM (at once: SIGINT would let pytest end its session,
-# but pytest-benchmark then fails to write its JSON over the interrupted case, after a long traceback).
+# SIGTERM/SIGINT are taken from here on: pytest runs in the background, in a process group of its own
+# (with its pytest-xdist workers, which store runs too), so that this shell can take them while it runs,
+# and stop() ends that group with SIGTERM (at once: SIGINT would let pytest end its session, but
+# pytest-benchmark then fails to write its JSON over the interrupted case, after a long traceback).
 # Each finished run is already stored, atomically, so the report below has every run that finished.
 stop_status=0
-pytest_pid=""
+pytest_pid=""  # also the id of its process group
 # shellcheck disable=SC2329  # called by the traps below
 stop() {  # $1: the signal received, $2: the exit status it means
     stop_status="$2"
     echo "entrypoint: SIG$1 received: stopping pytest; the runs that finished are kept and reported" >&2
     if [ -n "$pytest_pid" ]; then
-        kill -TERM "$pytest_pid" 2>/dev/null || true
+        kill -TERM -- "-$pytest_pid" 2>/dev/null || true
     fi
 }
 trap 'stop TERM 143' TERM
 trap 'stop INT 130' INT
+
+group_runs() {  # whether a process of group $1 still runs (a zombie, ended but not yet reaped, does not)
+    if [ ! -r /proc/self/stat ]; then
+        kill -0 -- "-$1" 2>/dev/null
+        return
+    fi
+    local stat line state pgrp
+    for stat in /proc/[0-9]*/stat; do
+        { read -r line < "$stat"; } 2>/dev/null || continue  # ended since the glob
+        line="${line##*) }"  # after "pid (comm) ": state ppid pgrp ...
+        state="${line%% *}"
+        line="${line#* }"
+        line="${line#* }"
+        pgrp="${line%% *}"
+        if [ "$pgrp" = "$1" ] && [ "$state" != Z ] && [ "$state" != X ]; then
+            return 0
+        fi
+    done
+    return 1
+}
+
+end_group() {  # $1: a process group; ends what still runs of it (SIGTERM, SIGKILL 5 s later), waits for that
+    local waited=0
+    while group_runs "$1"; do
+        case "$waited" in
+            0) kill -TERM -- "-$1" 2>/dev/null || true ;;
+            50) echo "entrypoint: pytest's processes still run 5 s after SIGTERM: sending SIGKILL" >&2
+                kill -KILL -- "-$1" 2>/dev/null || true ;;
+        esac
+        sleep 0.1
+        waited=$((waited + 1))
+    done
+}
 
 out="${CXR_OUT:-/out}"
 data="${CXR_DATA:-}"
@@ -96,9 +131,11 @@ fi
 out="$(cd -- "$out" && pwd)"  # absolute: pytest and the report run from the project directory
 bench_json="${bench_json:-$out/benchmark.json}"
 
-data_file="${CXR_DATA_DIR:-$HOME/.cache/cxr}/pneumoniamnist.npz"
+# cxr.data's default directory, ~/.cache/cxr; without HOME, ~ is the user's passwd entry (as in Python)
+home="${HOME:-$(getent passwd "$(id -u)" 2>/dev/null | cut -d: -f6 || true)}"
+data_dir="${CXR_DATA_DIR:-${home:+$home/.cache/cxr}}"
 if [ -z "$data" ]; then
-    if [ -f "$data_file" ]; then
+    if [ -n "$data_dir" ] && [ -f "$data_dir/pneumoniamnist.npz" ]; then
         data=pneumoniamnist
     else
         data=synthetic
@@ -122,14 +159,24 @@ cd "$project_dir"
 
 pytest_status=0
 if [ "$stop_status" -eq 0 ]; then
+    set -m  # job control for this job only: pytest leads a process group of its own, which its workers join
+    # stdin as for a background job without job control (on a terminal, this job would stop reading it)
     pytest benchmarks -p no:cacheprovider "--out=$out" "--data=$data" "--benchmark-json=$bench_json" \
-        ${quick[@]+"${quick[@]}"} ${spec_args[@]+"${spec_args[@]}"} ${pytest_args[@]+"${pytest_args[@]}"} &
+        ${quick[@]+"${quick[@]}"} ${spec_args[@]+"${spec_args[@]}"} ${pytest_args[@]+"${pytest_args[@]}"} \
+        </dev/null &
     pytest_pid=$!
+    set +m
+    if [ "$stop_status" -ne 0 ]; then  # the signal came before pytest_pid was set
+        kill -TERM -- "-$pytest_pid" 2>/dev/null || true
+    fi
     while :; do
         wait "$pytest_pid" && pytest_status=0 || pytest_status=$?
         kill -0 "$pytest_pid" 2>/dev/null || break  # wait was cut short by a signal: pytest still runs
     done
     wait "$pytest_pid" && pytest_status=0 || pytest_status=$?  # its own status, kept by the shell
+    # Its workers can outlive it (a stopped controller leaves them training and storing runs): the report
+    # waits until none of the group runs
+    end_group "$pytest_pid"
 fi
 trap - TERM INT
 

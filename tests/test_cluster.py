@@ -10,10 +10,12 @@ CUDA_VISIBLE_DEVICES, while the tasks train on the CPU (device="cpu").
 
 from __future__ import annotations
 
+import contextlib
 import faulthandler
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -63,6 +65,22 @@ def ray_two_gpus():
     ray.shutdown()
 
 
+@contextlib.contextmanager
+def _deadline(seconds: float, what: str):
+    """Fail the test (rather than the watchdog ending the session) when the block runs past `seconds`: the
+    driver's wait loop wakes every CHECKPOINT_POLL seconds, so the alarm's exception gets in."""
+    def fail(*_):
+        pytest.fail(f"still running after {seconds:g} s: {what}")
+
+    before = signal.signal(signal.SIGALRM, fail)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, before)
+
+
 def _spec_files(tmp_path: Path, twin: bool = True, fuse: bool = True) -> list[str]:
     """A 2 x 2 grid (lr x batch size) on a small npz; with `twin`, a second file holding one of its
     recipes under another id (trained once, copied)."""
@@ -78,8 +96,9 @@ def _spec_files(tmp_path: Path, twin: bool = True, fuse: bool = True) -> list[st
 
 
 def _store(out: Path) -> list[str]:
-    """Every file of a results directory, relative to it (results, attempts, weights, locks, temp files)."""
-    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file())
+    """Every file of a results directory, relative to it (results, attempts, weights, locks, temp files),
+    but the lookup index runs/.index.json (cxr.index): a cache of the result files, rebuilt from them."""
+    return sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file() and p.name != ".index.json")
 
 
 def _same_run(a, b) -> None:
@@ -175,6 +194,34 @@ class TestDeclaredGpus:
         assert rec.ok and rec.timing["resumed_after_epoch"] == 2
         _same_run(rec, sweep.run(spec, tmp_path / "seq", "cpu", progress=False))
 
+    def test_a_task_that_cannot_start_yet_says_what_it_awaits(self, tmp_path, monkeypatch):
+        """An actor holds both GPUs; after AWAIT_NOTICE seconds without a task starting, one line says what
+        the task awaits (and the test then frees the GPUs, so the task starts and finishes)."""
+        ray = _ray()
+
+        class Holder:
+            def ready(self):
+                return True
+
+        holder = ray.remote(num_gpus=2, num_cpus=0)(Holder).remote()
+        ray.get(holder.ready.remote())  # both GPUs are taken
+        monkeypatch.setattr(cluster, "AWAIT_NOTICE", 0.5)
+        (spec,) = selection.select(_spec_files(tmp_path, twin=False), keyword_expr="lr0.001 and bs32")
+        lines = []
+
+        def say(line):
+            lines.append(line)
+            if "not started" in line:
+                ray.kill(holder)  # the GPUs are free again
+
+        with _deadline(120, "the task never started"):
+            (rec,) = cluster.run_on_ray([[spec]], tmp_path / "out", None, gpus_per_task=1, device="cpu",
+                                        progress=False, say=say)
+        assert rec.ok
+        (wait,) = [line for line in lines if "not started" in line]  # once: then the task started
+        assert re.fullmatch(r"Ray: 1 task not started after \d+s, each asking 1 GPU, 1 CPU; the cluster has "
+                            r"\d+ of 2 CPUs and 0 of 2 GPUs free", wait), wait
+
     def test_ctrl_c_cancels_the_rest_and_keeps_what_finished(self, tmp_path):
         specs = selection.select(_spec_files(tmp_path, twin=False))
         units = sweep.groups(specs)
@@ -256,6 +303,42 @@ def test_3_without_ray_one_line_says_how_to_install_it(monkeypatch, tmp_path, ca
     assert code == 2 and err.count("\n") == 1
     assert err.startswith("cxr-bench run: error: --ray needs Ray") and 'pip install -e ".[ray]"' in err
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_a_gpu_task_on_a_machine_without_gpus_is_refused_at_once(one_thread, tmp_path, capsys, monkeypatch):
+    """--ray local --gpus-per-task 1 where there is no GPU: Ray would wait forever for one; one line, exit 2,
+    nothing stored, no claim left."""
+    ray = _ray()
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)  # a local Ray of CPUs only, even on a GPU machine
+    out = tmp_path / "out"
+    t0 = time.monotonic()
+    with _deadline(120, "a task that asks for a GPU the cluster does not have waits forever"):
+        code = cli.main(["run", *_spec_files(tmp_path, twin=False), "--ray", "local", "--gpus-per-task", "1",
+                         "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and time.monotonic() - t0 < 60
+    assert re.fullmatch(r"cxr-bench run: error: --ray local: each task asks for 1 GPU and 1 CPU, and this machine "
+                        r"has \d+ CPUs and 0 GPUs, so no task could ever start; --gpus-per-task 0 trains on the "
+                        r"CPUs\n", err), err
+    assert _store(out) == [] and not ray.is_initialized()  # no result, lock or checkpoint; the local Ray is gone
+
+
+def test_a_cluster_with_no_node_for_a_task_is_refused(one_thread, tmp_path):
+    """Joining a cluster (an autoscaler may add nodes later) whose alive nodes cannot hold one task: refused
+    too, saying what was asked and what the nodes have."""
+    ray = _ray()
+    (spec,) = selection.select(_spec_files(tmp_path, twin=False), keyword_expr="lr0.001 and bs32")
+    ray.init(address="local", num_cpus=2, num_gpus=0, **QUIET)
+    try:
+        with _deadline(60, "a task that asks for a GPU the cluster does not have waits forever"), \
+                pytest.raises(cluster.RayError) as e:
+            cluster.run_on_ray([[spec]], tmp_path / "out", None, gpus_per_task=1, device="cpu", progress=False)
+    finally:
+        ray.shutdown()
+    assert str(e.value) == ("Ray: each task asks for 1 GPU and 1 CPU, and no alive node has that (nodes: 1 x (2 "
+                            "CPUs, 0 GPUs)); a task would wait for a node the cluster may never add; "
+                            "--gpus-per-task 0 trains on the CPUs")
+    assert _store(tmp_path / "out") == []
 
 
 def test_gpus_per_task_needs_ray(tmp_path, capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -226,6 +227,23 @@ printf '%s\\n' "$@" > "$STUB_LOG/{name}.args"
 """
 
 
+# STUB_PYTEST_WORKERS=N: N workers, as pytest-xdist's -n N, each storing a run in --out's runs/ every
+# 0.1 s; on SIGTERM a worker stores one last run 0.5 s later (w<n>-last) and ends. Their pids: log/workers.
+# Their output goes elsewhere (xdist's go through execnet), so that they hold no pipe of the entrypoint.
+STUB_PYTEST = """
+for arg in "$@"; do case "$arg" in --out=*) out="${arg#--out=}" ;; esac; done
+for w in $(seq "${STUB_PYTEST_WORKERS:-0}"); do
+    mkdir -p "$out/runs"
+    (trap 'trap "" TERM; sleep 0.5; touch "$out/runs/w$w-last"; exit 143' TERM
+     i=0
+     while :; do i=$((i + 1)); touch "$out/runs/w$w-$i"; sleep 0.1; done) >/dev/null 2>&1 &
+    echo "$!" >> "$STUB_LOG/workers"
+done
+if [ -n "${STUB_PYTEST_SLEEP:-}" ]; then exec sleep "$STUB_PYTEST_SLEEP"; fi
+exit "${STUB_PYTEST_STATUS:-0}"
+"""
+
+
 @pytest.fixture
 def stubs(tmp_path):
     """A PATH whose pytest, cxr-bench and python3 record their arguments; returns (env, log dir)."""
@@ -233,9 +251,9 @@ def stubs(tmp_path):
     bin_dir.mkdir()
     log.mkdir()
     bodies = {
-        "pytest": 'if [ -n "${STUB_PYTEST_SLEEP:-}" ]; then exec sleep "$STUB_PYTEST_SLEEP"; fi\n'
-                  'exit "${STUB_PYTEST_STATUS:-0}"',
-        "cxr-bench": 'echo "# report" > "$4"',  # report OUT --out FILE
+        "pytest": STUB_PYTEST,
+        "cxr-bench": 'echo "# report" > "$4"\n'  # report OUT --out FILE; the runs it saw, as it rendered
+                     'if [ -d "$2/runs" ]; then ls "$2/runs" > "$STUB_LOG/report.runs"; fi',
         "python3": 'echo "CPU (stub)"',
     }
     for name, body in bodies.items():
@@ -280,6 +298,21 @@ def test_entrypoint_data_default_follows_the_baked_file(stubs, baked, chosen, ex
     args = (log / "pytest.args").read_text().splitlines()
     assert f"--data={expected}" in args
     assert "--epochs" not in args
+
+
+def test_entrypoint_runs_without_home(stubs):
+    """No HOME (env -i, or a runtime that sets none) and no CXR_DATA_DIR: the data default looks in
+    ~/.cache/cxr with ~ from the passwd entry, as Path.home() in cxr.data does."""
+    env, log = stubs
+    env = {k: v for k, v in env.items() if k not in {"HOME", "CXR_DATA_DIR"}}
+    result = run_entrypoint(env)
+    assert result.returncode == 0, result.stderr
+    try:
+        baked = (Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "cxr" / "pneumoniamnist.npz").is_file()
+    except KeyError:  # no passwd entry: no default directory
+        baked = False
+    assert f"--data={'pneumoniamnist' if baked else 'synthetic'}" in (log / "pytest.args").read_text().splitlines()
+    assert (Path(env["CXR_OUT"]) / "report.md").is_file()
 
 
 def test_entrypoint_renders_the_report_when_pytest_fails_and_keeps_its_status(stubs):
@@ -385,6 +418,52 @@ def test_entrypoint_stops_pytest_on_a_signal_and_reports_the_finished_runs(stubs
     assert (log / "cxr-bench.args").read_text().splitlines() == [
         "report", env["CXR_OUT"], "--out", f"{env['CXR_OUT']}/report.md"]
     assert f"report written to {env['CXR_OUT']}/report.md" in stdout
+
+
+def running(pid: int) -> bool:
+    """Whether a process runs: a zombie (ended, not reaped: an orphan's init may never reap it) does not."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rpartition(") ")[2].split()[0] not in {"Z", "X"}
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process states from /proc")
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_entrypoint_stops_the_pytest_xdist_workers_and_reports_after_they_end(stubs, sig, status):
+    """docker run ... -n 2: the workers that store runs are stopped with pytest, and the report is rendered
+    once they have ended, with every run they stored (none is stored after it)."""
+    env, log = stubs
+    proc = subprocess.Popen([str(ENTRYPOINT), "-n", "2"],
+                            env={**env, "STUB_PYTEST_SLEEP": "60", "STUB_PYTEST_WORKERS": "2"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    runs = Path(env["CXR_OUT"]) / "runs"
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (runs.is_dir() and len(list(runs.iterdir())) >= 4):
+            time.sleep(0.05)
+        workers = [int(pid) for pid in (log / "workers").read_text().split()]
+        assert len(workers) == 2 and all(map(running, workers))
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        stdout, stderr = proc.communicate(timeout=20)
+        assert proc.returncode == status, stderr
+        assert time.monotonic() - t0 < 10
+        assert not [pid for pid in workers if running(pid)], "workers outlived the entrypoint"
+        seen = (log / "report.runs").read_text().split()
+        assert {"w1-last", "w2-last"} <= set(seen), "the report ran before the workers ended"
+        assert set(seen) == {p.name for p in runs.iterdir()}, "runs stored after the report"
+        assert "stopped by a signal (pytest exited 143)" in stderr
+    finally:
+        proc.kill()
+        for pid in workers:  # the old entrypoint left them running
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_entrypoint_refuses_an_unwritable_output_dir(stubs, tmp_path):

@@ -5,6 +5,7 @@ the eager engine's numbers bit for bit; only the capture itself is left to the C
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
 import pytest
@@ -50,14 +51,19 @@ def test_steps_per_graph_reads_cxr_graph_steps(monkeypatch):
     assert graphs.steps_per_graph(10, between_steps=False) == 4
     assert graphs.steps_per_graph(3, between_steps=False) == 3
     assert graphs.steps_per_graph(0, between_steps=False) == 1
-    for bad in ("0", "-2", "all", "1.5"):
+    monkeypatch.setenv(graphs.STEPS_ENV, "")
+    assert graphs.steps_per_graph(10, between_steps=False) == 1  # empty is the default, as for CXR_FUSE_KERNEL
+    # ASCII digits only, as written: int() would take the spaces, the sign, the underscore and the Arabic-Indic 2
+    for bad in ("0", "-2", "all", "1.5", " 2 ", "2\n", "+2", "1_0", "\u0662", " epoch"):
         monkeypatch.setenv(graphs.STEPS_ENV, bad)
-        with pytest.raises(ValueError, match=rf"CXR_GRAPH_STEPS='{bad}': expected a positive integer or 'epoch'"):
+        with pytest.raises(ValueError, match=rf"CXR_GRAPH_STEPS={re.escape(repr(bad))}: expected a positive integer "
+                                             "or 'epoch'"):
             graphs.steps_per_graph(10, between_steps=False)
 
 
 @pytest.mark.parametrize("var, value, why", [
     ("CXR_GRAPH_STEPS", "all", "expected a positive integer or 'epoch'"),
+    ("CXR_GRAPH_STEPS", " 2 ", "expected a positive integer or 'epoch'"),
     ("CXR_FUSE_KERNEL", "vmap", "allowed values are grouped, loop"),
 ])
 def test_a_bad_setting_stops_the_run_command_before_training(tmp_path, capsys, monkeypatch, var, value, why):

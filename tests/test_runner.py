@@ -324,3 +324,42 @@ def test_xdist_runs_and_reports_the_same_cases(pytester, spec_dir, tmp_path):
     assert "2 workers [5 items]" in xout and "Benchmarks are automatically disabled" not in xout
     workers = {m.group(2): m.group(1) for m in re.finditer(r"\[(gw\d)\] .*PASSED .*test_experiment\[(\S+)\]", xout)}
     assert workers["loss-bce-lr0.001-bs32-seed0"] == workers["bs-bce-lr0.001-bs32-seed0"]  # one fused group
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--dist", "worksteal"], "--dist worksteal cannot keep a fused group on one worker; use --dist load "
+                              "(the default here) or --no-fuse"),
+    (["--dist", "each"], "--dist each runs every case in every worker"),
+    (["--dist", "each", "--no-fuse"], "--dist each runs every case in every worker"),
+], ids=["worksteal", "each", "each-no-fuse"])
+def test_xdist_modes_that_split_a_fused_group_are_usage_errors(pytester, spec_dir, args, message):
+    """worksteal moves single cases to an idle worker, which then finds its run claimed by the worker training
+    the group, and each runs every case in every worker: refused before any worker starts."""
+    pytest.importorskip("xdist")
+    result = pytester.runpytest_inprocess(BENCHMARKS, "--collect-only", "-p", "no:cacheprovider",
+                                          "--specs", str(spec_dir), "-n", "2", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    assert message in result.stderr.str()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dist", [("--dist", "loadgroup"), ("--dist", "worksteal", "--no-fuse")],
+                         ids=["loadgroup", "worksteal-no-fuse"])
+def test_xdist_modes_train_every_case_once(pytester, spec_dir, tmp_path, dist):
+    """loadgroup hands out whole fused groups (as load does); worksteal is fine with --no-fuse, where every
+    group is one run: no case is skipped as claimed by a sibling worker."""
+    pytest.importorskip("xdist")
+    result = run_suite(pytester, "--specs", spec_dir, "--out", tmp_path / "results", "-k", "not lr0.1",
+                       "-v", "-rs", "-n", "2", *dist)
+    result.assert_outcomes(passed=5)  # none skipped
+    assert sorted(result_files(tmp_path / "results")) == ["bs-bce-lr0.001-bs128", "bs-bce-lr0.001-bs32",
+                                                          "loss-bce-lr0.001-bs32", "loss-ce-lr0.001-bs32",
+                                                          "lr-ce-lr0.001-bs32"]
+    out = result.stdout.str()
+    workers = {m.group(2): m.group(1) for m in re.finditer(r"\[(gw\d)\] .*PASSED .*test_experiment\[(\S+)\]", out)}
+    assert len(workers) == 5
+    if "--no-fuse" in dist:
+        assert " fused " not in out  # every run trained alone
+    else:  # the batch-32 group trained in one worker
+        assert len({workers[f"{r}-seed0"] for r in ("bs-bce-lr0.001-bs32", "loss-bce-lr0.001-bs32",
+                                                    "loss-ce-lr0.001-bs32", "lr-ce-lr0.001-bs32")}) == 1

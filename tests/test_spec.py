@@ -138,6 +138,26 @@ def test_overrides_are_validated_and_seeds_resized():
     assert [x.seed for x in spec.with_seeds([s], 3)] == [0, 1, 2]
 
 
+def test_seeds_option_keeps_max_runs_per_file_and_refuses_before_building_runs(tmp_path, monkeypatch):
+    # --seeds N replaces each file's seeds: the limit holds for its grid points x N, as for the file's own seeds
+    monkeypatch.setattr(spec, "MAX_RUNS", 12)
+    grid = tmp_path / "grid.toml"
+    grid.write_text(BASE + "[grid]\nlr = [0.001, 0.01, 0.1]\n")  # 3 points
+    lone = tmp_path / "lone.toml"
+    lone.write_text(BASE.replace('name = "lr"', 'name = "lone"'))  # 1 point
+    assert len(selection.select([grid, lone], seeds=4)) == 3 * 4 + 4  # 12 runs in grid.toml: at the limit
+    built = []
+    real_replace = spec.dataclasses.replace
+    monkeypatch.setattr(spec.dataclasses, "replace", lambda *a, **k: built.append(1) or real_replace(*a, **k))
+    with pytest.raises(SpecError) as e:
+        selection.select([lone, grid], seeds=5)  # also for pytest benchmarks --seeds, which calls select
+    assert str(e.value) == (f"<command line>: --seeds 5: {grid} would expand to 15 runs (3 grid points x 5 seeds); "
+                            "at most 12 per file (cxr.spec.MAX_RUNS)")
+    assert not built  # refused before any run is made: --seeds 100000000 costs no memory
+    with pytest.raises(SpecError, match=r"--seeds 100,000,000: .* 100,000,000 runs \(1 grid point x"):
+        spec.with_seeds(spec.parse(BASE, "x.toml"), 100_000_000)
+
+
 def test_from_dict_round_trips_a_stored_spec():
     (s, _) = spec.parse(BASE + "[grid]\nlr = [0.01]\n", "x.toml")
     assert spec.from_dict(s.to_dict()) == s
