@@ -14,7 +14,7 @@ whole sweep:
 - runs of one identity ("twins", e.g. Task A's CE run is Task B's lr 0.001 run) train once, anywhere in
   the sweep (under --rerun too, where run_group copies within a unit only); the others become copies
   when that result arrives (and train on their own if it failed);
-- a task saves each run's checkpoint at the end of every epoch through an actor (`_Relay`); the driver
+- a task saves each run's checkpoint at the end of every epoch through an actor (cxr.relay.Relay); the driver
   writes them into the store while it waits, a retried task resumes from them, and a unit whose runs
   have checkpoints in the store resumes from those (cxr.sweep.StoreCheckpoints' rules);
 - each run is stored exactly once, when its task's result arrives (cxr.sweep.store: atomic, an ok result
@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import logging
 import os
 import sys
@@ -53,6 +52,7 @@ import torch
 from tqdm import tqdm
 
 from cxr import data as data_mod
+from cxr import relay as relay_mod
 from cxr import results, sweep, unit
 from cxr.errors import CxrError, one_line
 from cxr.record import RunRecord
@@ -150,63 +150,6 @@ def _check_fits(ray, gpus: float, cpus: float, address: str | None) -> None:
                    f"the cluster may never add{hint}")
 
 
-class _Relay:
-    """A Ray actor that carries checkpoints between the tasks and the driver, which alone writes the store:
-    a task saves each run's checkpoint here at the end of every epoch and a retried task loads it back;
-    the driver puts the store's checkpoints in before a unit starts and takes the new ones out into the
-    store while it waits (so a later `cxr-bench run` resumes too). Blobs are checkpoint files' bytes."""
-
-    def __init__(self):
-        self.blobs: dict[str, bytes] = {}
-        self.new: dict[str, bytes | None] = {}
-        self.started: list[str] = []
-
-    def begin(self, run_id: str) -> None:
-        """A task started (a unit is named by its first run): the driver tells waiting tasks from running ones."""
-        self.started.append(run_id)
-
-    def put(self, run_id: str, blob: bytes, from_store: bool = False) -> None:
-        self.blobs[run_id] = blob
-        if not from_store:
-            self.new[run_id] = blob
-
-    def get(self, run_id: str) -> bytes | None:
-        return self.blobs.get(run_id)
-
-    def drop(self, run_id: str) -> None:
-        self.blobs.pop(run_id, None)
-        self.new[run_id] = None
-
-    def take(self) -> tuple[dict[str, bytes | None], list[str]]:
-        """The checkpoints saved and the tasks started since the last call."""
-        (new, self.new), (started, self.started) = (self.new, {}), (self.started, [])
-        return new, started
-
-
-class _RelayCheckpoints:
-    """cxr.engine.Checkpoints on a worker, through the driver's _Relay."""
-
-    def __init__(self, relay, data: data_mod.Dataset):
-        self.relay, self.data = relay, data
-
-    def load(self, spec: ExperimentSpec) -> dict | None:
-        import ray
-
-        blob = ray.get(self.relay.get.remote(spec.run_id))
-        return None if blob is None else torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["state"]
-
-    def save(self, spec: ExperimentSpec, state: dict) -> None:
-        import ray
-
-        buf = io.BytesIO()
-        torch.save({"identity": unit.identity(spec, self.data), "run": spec.run_id, "state": state}, buf)
-        ray.get(self.relay.put.remote(spec.run_id, buf.getvalue()))  # there before the next epoch starts
-
-    def discard(self, spec: ExperimentSpec, why: str) -> None:
-        print(f"cxr-bench: {spec.run_id}: checkpoint {why}; discarded, the run starts over", file=sys.stderr)
-        self.relay.drop.remote(spec.run_id)
-
-
 def _train_task(specs: list[ExperimentSpec], threads: int, device: str, relay=None) -> list[unit.Trained]:
     """On a worker: load the unit's data, train it (cxr.unit.train_unit; resuming from and saving
     checkpoints through `relay`) and return its runs."""
@@ -219,10 +162,10 @@ def _train_task(specs: list[ExperimentSpec], threads: int, device: str, relay=No
     data = data_mod.load(specs[0].dataset, specs[0].image_size)
     where = {"ray_node_id": ray.get_runtime_context().get_node_id(),
              "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
+    checkpoints = relay_mod.RelayCheckpoints(relay, data) if relay is not None else None
     return [dataclasses.replace(t, record=dataclasses.replace(t.record, environment={**t.record.environment,
                                                                                        **where}))
-            for t in unit.train_unit(specs, data, dev, progress=False,
-                                     checkpoints=_RelayCheckpoints(relay, data) if relay is not None else None)]
+            for t in unit.train_unit(specs, data, dev, progress=False, checkpoints=checkpoints)]
 
 
 class _Sweep:
@@ -292,7 +235,7 @@ class _Sweep:
             say(f"Ray cluster of {len([n for n in ray.nodes() if n.get('Alive')])} nodes, {have.get('CPU', 0):g} "
                 f"CPUs, {have.get('GPU', 0):g} GPUs; each task: {gpus:g} GPU, {cpus:g} CPU, {self.threads} "
                 f"torch threads, device {on}")
-        self.relay = ray.remote(num_cpus=0)(_Relay).remote()
+        self.relay = ray.remote(num_cpus=0)(relay_mod.Relay).remote()
         try:
             for runs in self.todo.values():
                 self._submit(runs)

@@ -218,6 +218,6 @@ def from_dict(obj: Any, where: str = "<record>") -> RunRecord:
 def loads(text: str | bytes, where: str = "<record>") -> RunRecord:
     try:
         obj = json.loads(text)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad JSON or UTF-8, an int of too many digits; nested too deep
         raise RecordError(f"{where}: unreadable result file ({e.__class__.__name__}: {e})") from None
     return from_dict(obj, where)

@@ -24,19 +24,21 @@ import fcntl
 import os
 import re
 import socket
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from cxr.errors import CxrError
+from cxr.errors import CxrError, one_line
 from cxr.record import DIVERGED, FAILED, OK, RecordError, RunRecord, loads
 from cxr.spec import ExperimentSpec
 
 STATUS_OK, STATUS_DIVERGED, STATUS_FAILED = OK, DIVERGED, FAILED
 WEIGHTS_NAME = "model_weights.pth"
 RESULT_FILE = re.compile(r"seed-(\d+)\.json")  # not seed-<n>.attempt.json
+MAX_RECORD_BYTES = 64 << 20  # a record of 100,000 test images is ~10 MB; anything far larger is not one
 ResultError = RecordError  # the name this module's error had before cxr.record
 
 
@@ -50,6 +52,11 @@ class StoreConflict(CxrError):
 
 class Claimed(CxrError):
     """A run that another process is training right now."""
+
+
+class UnreadableResult(StoreConflict):
+    """A stored result that cannot be read (corrupt, newer schema, no permission): it blocks its run, never
+    replaced silently."""
 
 
 def file_mode() -> int:
@@ -108,7 +115,8 @@ def check_writable(out: str | Path) -> Path:
 
 def atomic_write(path: Path, write) -> None:
     """write(f) into a temp file beside path, fsync it, give it file_mode() and rename it over path: a
-    crash or a full disk leaves the old file or none, never a truncated one, and no temp file."""
+    crash or a full disk leaves the old file or none, never a truncated one, and no temp file. Any
+    failure to write (a full disk, `ulimit -f`, torch.save's own errors) is a StoreError naming path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -118,9 +126,22 @@ def atomic_write(path: Path, write) -> None:
             os.fsync(f.fileno())
         os.chmod(tmp, file_mode())  # mkstemp makes 0600; a shared results directory must stay readable
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError | RuntimeError):  # torch.save reports a full disk as RuntimeError
+            why = e.strerror if isinstance(e, OSError) and e.strerror else one_line(e)
+            raise StoreError(f"{path}: cannot write ({why})") from None
         raise
+
+
+def remove_temp_files(out: str | Path, spec: ExperimentSpec) -> None:
+    """Delete the temp files that writes of this run left when their process was killed mid-write
+    (atomic_write's .<name>.*.tmp). Only the holder of the run's claim calls this: no write of it is live."""
+    base = Path(out) / "runs" / spec.id
+    for pattern in (f".seed-{spec.seed}.*.tmp", f"seed-{spec.seed}/.*.tmp"):
+        for tmp in base.glob(pattern):
+            with contextlib.suppress(OSError):
+                inside(out, tmp).unlink()
 
 
 def write(out: str | Path, record: RunRecord, path: Path | None = None) -> Path:
@@ -145,25 +166,53 @@ def copy_file(out: str | Path, src: Path, dst: Path) -> Path:
     return dst
 
 
-def read(path: str | Path) -> RunRecord:
-    """The run record in a file (schema version 2, or 1 upgraded), checked against the schema."""
-    path = Path(path)
+def read_regular(path: Path, limit: int, what: str) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes; anything else (a FIFO, a device, a link to
+    /dev/zero, a directory, a huge file) is refused without reading it: RecordError naming path."""
     try:
-        text = path.read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once instead of waiting for a writer
     except OSError as e:
-        raise RecordError(f"{path}: unreadable result file ({e.__class__.__name__}: {e.strerror or e})") from None
-    return loads(text, str(path))
+        raise RecordError(f"{path}: unreadable {what} ({e.__class__.__name__}: {e.strerror or e})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+        os.close(fd)
+        if stat.S_ISREG(st.st_mode):
+            raise RecordError(f"{path}: {st.st_size} bytes, more than a {what} can be ({limit}); skipped")
+        kind = "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode) or \
+            stat.S_ISBLK(st.st_mode) else "a directory" if stat.S_ISDIR(st.st_mode) else "not a file"
+        raise RecordError(f"{path}: not a regular file ({kind}); skipped")
+    with os.fdopen(fd, "rb") as f:
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise RecordError(f"{path}: more than a {what} can be ({limit} bytes); skipped")
+    return data
 
 
-def stored(out: str | Path, spec: ExperimentSpec) -> RunRecord | None:
+def read(path: str | Path) -> RunRecord:
+    """The run record in a file (schema version 2, or 1 upgraded), checked against the schema. Only a
+    regular file of at most MAX_RECORD_BYTES is read."""
+    path = Path(path)
+    return loads(read_regular(path, MAX_RECORD_BYTES, "result file"), str(path))
+
+
+def matches_path(path: Path, rec: RunRecord) -> bool:
+    """Whether a record lies where its id and seed put it (runs/<id>/seed-<n>.json): a copied run
+    directory (runs/X.bak) holds records of X that are not its own."""
+    return path.parent.name == rec.id and path.name == f"seed-{rec.seed}.json"
+
+
+def stored(out: str | Path, spec: ExperimentSpec, strict: bool = False) -> RunRecord | None:
     """Whatever result is stored for this run id and seed (any identity, any status), or None when there
-    is none or the file cannot be read (it is then overwritten)."""
+    is none. A file there that cannot be read: None, or with `strict` UnreadableResult (it blocks the
+    run: an unreadable result is never replaced silently; --rerun replaces it)."""
     path = run_path(out, spec)
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
     try:
         return read(path)
-    except RecordError:
+    except RecordError as e:
+        if strict:
+            raise UnreadableResult(f"{e}; it is kept: fix or move it, or pass --rerun to replace it") from None
         return None
 
 
@@ -187,17 +236,34 @@ def result_files(out: str | Path) -> list[Path]:
 
 
 def load_all(out: str | Path, skipped: list[str] | None = None) -> list[RunRecord]:
-    """Every result under out/runs, sorted by (id, seed). An unreadable or invalid file raises
-    RecordError, or, when a `skipped` list is given, its one-line error is appended there instead."""
-    records = []
+    """Every result under out/runs, sorted by (id, seed), each (id, seed) once. An unreadable or invalid
+    file, or one that is not where its id and seed put it (a copied run directory), raises RecordError,
+    or, when a `skipped` list is given, its one-line reason is appended there instead."""
+    records: dict[tuple[str, int], RunRecord] = {}
     for p in result_files(out):
         try:
-            records.append(read(p))
+            rec = read(p)
+            if not matches_path(p, rec):
+                raise RecordError(f"{p}: holds the result of {rec.id} seed {rec.seed}, which belongs in "
+                                  f"runs/{rec.id}/seed-{rec.seed}.json (a copied run directory?); not counted")
+            if (rec.id, rec.seed) in records:  # e.g. a file system that folds case
+                raise RecordError(f"{p}: a second result of {rec.id} seed {rec.seed}; not counted twice")
+            records[rec.id, rec.seed] = rec
         except RecordError as e:
             if skipped is None:
                 raise
             skipped.append(str(e))
-    return sorted(records, key=lambda r: (r.id, r.seed))
+    return sorted(records.values(), key=lambda r: (r.id, r.seed))
+
+
+def _share_with_group(fd: int, directory: Path) -> None:
+    """A lock file in a group-writable store (its runs/ directory) is group-writable, whatever the umask:
+    a colleague's process must be able to open it to wait its turn."""
+    try:
+        if os.stat(directory).st_mode & stat.S_IWGRP and os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, os.fstat(fd).st_mode & 0o777 | stat.S_IRGRP | stat.S_IWGRP)
+    except OSError:
+        pass
 
 
 @contextlib.contextmanager
@@ -212,7 +278,12 @@ def claim(out: str | Path, spec: ExperimentSpec) -> Iterator[None]:
     path = inside(out, Path(out) / "runs" / spec.id / f"seed-{spec.seed}.lock")
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, file_mode())
+        except PermissionError as e:  # another user's lock file: theirs until they remove it
+            raise Claimed(f"{run_path(out, spec)}: its claim {path.name} cannot be opened ({e.strerror}); taken "
+                          "as held by someone else, this run is skipped") from None
+        _share_with_group(fd, Path(out) / "runs")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cxr import data as data_mod
-from cxr import graphs, kernels, record, results, unit
+from cxr import graphs, index, kernels, record, results, unit
 from cxr.env import resolve_device
 from cxr.errors import CxrError, one_line
 from cxr.record import RunRecord
@@ -83,7 +83,7 @@ class StoreCheckpoints:
         saved = {"identity": identity(spec, self.data), "run": spec.run_id, "state": state}
         try:
             results.atomic_write(path, lambda f: torch.save(saved, f))
-        except (OSError, RuntimeError) as e:  # a full disk: the run goes on, it just cannot resume
+        except (CxrError, OSError, RuntimeError) as e:  # a full disk: the run goes on, it just cannot resume
             if spec.run_id not in self.failed:
                 self.failed.add(spec.run_id)
                 _say(f"{path}: cannot write the checkpoint ({one_line(e)}); the run goes on without one")
@@ -111,7 +111,11 @@ def conflict(out: str | Path, spec: ExperimentSpec, ident: str, old: RunRecord |
     identity, and one written by schema version 1 with the same recipe (no data fingerprint to compare;
     it is trained again and replaced when the new run is ok) do not.
     """
-    old = old if old is not None else results.stored(out, spec)
+    if old is None:
+        try:
+            old = results.stored(out, spec, strict=True)
+        except results.UnreadableResult as e:
+            return str(e)
     if old is None or old.status == record.FAILED or old.identity == ident:
         return None
     if old.identity is None and old.spec_hash == spec.spec_hash():
@@ -193,6 +197,7 @@ def run_group(specs: list[ExperimentSpec], out: str | Path = "results", device: 
             except results.Claimed as e:
                 done[i] = e
                 continue
+            results.remove_temp_files(out, spec)  # what a killed write of this run left; no write of it is live
             if not rerun and (served := serve(out, spec, ident)) is not None:  # finished by another process
                 done[i] = served
             elif ident in first:
@@ -226,26 +231,42 @@ def copy_twin(out: str | Path, spec: ExperimentSpec, twin: RunRecord) -> RunReco
 def serve(out: str | Path, spec: ExperimentSpec, ident: str) -> RunRecord | None:
     """The stored result that `spec` (identity `ident`) may reuse, marked cached, or None; a stored run of
     this id and seed with another recipe raises results.StoreConflict."""
-    old = results.stored(out, spec)  # read once: what conflicts is also what would be served
+    old = results.stored(out, spec, strict=True)  # read once: what conflicts is also what would be served
     why = conflict(out, spec, ident, old)
     if why:
         raise results.StoreConflict(why)
-    found = old if results.serves(old, ident) else _reuse_same_recipe(out, spec, ident)
+    if results.serves(old, ident) and not _weights_gone(out, old):
+        return dataclasses.replace(old, cached=True)
+    found = _reuse_same_recipe(out, spec, ident)
     return dataclasses.replace(found, cached=True) if found is not None else None
+
+
+def _weights_gone(out: str | Path, rec: RunRecord) -> bool:
+    """An ok result whose weights file is missing is not whole: it is trained again (one line says so)."""
+    if not rec.weights or (Path(out) / rec.weights).is_file():
+        return False
+    line = f"{results.run_path(out, rec)}: its weights {rec.weights} are gone; the run is trained again"
+    if line not in _TOLD:  # serve is asked before and after the claim: say it once
+        _TOLD.add(line)
+        _say(line)
+    return True
+
+
+_TOLD: set[str] = set()
 
 
 def _reuse_same_recipe(out: str | Path, spec: ExperimentSpec, ident: str, only: str | None = None
                        ) -> RunRecord | None:
     """A finished run of the same identity and seed stored under another id (e.g. Task A's CE run is
     Task B's lr 0.001 run; `only`: that id): copy it under this id instead of training it again."""
-    for path in results.result_files(out):
-        if path.name != f"seed-{spec.seed}.json" or (only is not None and path.parent.name != only):
+    for path in index.candidates(out, ident, spec.seed):  # read and checked here: the files are the truth
+        if only is not None and path.parent.name != only:
             continue
         try:
             other = results.read(path)
         except results.ResultError:
             continue
-        if not results.serves(other, ident) or other.id == spec.id:
+        if not results.serves(other, ident) or other.id == spec.id or not results.matches_path(path, other):
             continue
         rec = dataclasses.replace(other, id=spec.id, spec=spec.to_dict(), reused_from=other.id, weights=None)
         if other.weights:

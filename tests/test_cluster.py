@@ -157,9 +157,9 @@ class TestDeclaredGpus:
             import os
             from pathlib import Path
 
-            from cxr import cluster as here
+            from cxr import relay as here
 
-            real = here._RelayCheckpoints.save
+            real = here.RelayCheckpoints.save
 
             def save(self, s, state):
                 real(self, s, state)
@@ -167,7 +167,7 @@ class TestDeclaredGpus:
                     Path(_marker).touch()
                     os._exit(1)  # the worker process dies, as with a lost node
 
-            here._RelayCheckpoints.save = save
+            here.RelayCheckpoints.save = save
             return _train(specs, threads, device, relay)
 
         monkeypatch.setattr(cluster, "_train_task", dying_task)

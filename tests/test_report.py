@@ -425,6 +425,161 @@ def test_unreadable_result_files_are_skipped_and_listed(tmp_path):
     assert "\n- `runs/lr-ce-lr0.001-bs32/seed-0.json`: unreadable result file (JSONDecodeError: " in text
 
 
+# --------------------------------------------- records that pass the schema yet the report cannot use
+
+DROP = object()  # _spec(key=DROP) removes the key
+
+
+def _spec(**changes):
+    """A change to a record dict's spec."""
+    def change(o):
+        for key, value in changes.items():
+            if value is DROP:
+                del o["spec"][key]
+            else:
+                o["spec"][key] = value
+    return change
+
+
+BAD = "runs/lr-ce-lr0.001-bs32/seed-1.json"  # where with_bad_record writes the bad record
+# (what, change to a good record's dict, its "Skipped files" reason or the start of it). Each crashed the whole
+# report before (KeyError, TypeError, ValueError, ...), or passed as a wrong grid.
+UNUSABLE = [
+    ("sweep names a key the spec lacks", _spec(sweep=["lr", "gamma"]),
+     "spec/sweep: 'gamma' is not a key of the spec"),
+    ("sweep names an empty key", _spec(sweep=[""]), "spec/sweep/0: "),
+    ("sweep names a key twice", _spec(sweep=["lr", "lr"]), "spec/sweep: "),
+    ("grid values a scalar", _spec(grid={"lr": 0.01}), "spec/grid/lr: 0.01 is not of type 'array'"),
+    ("grid values a string", _spec(grid={"lr": "0.01"}), "spec/grid/lr: '0.01' is not of type 'array'"),
+    ("grid key without values", _spec(grid={"lr": []}), "spec/grid/lr: "),
+    ("grid values not scalars", _spec(grid={"lr": [[0.01]]}), "spec/grid/lr/0: "),
+    ("grid not a table", _spec(grid=["lr"]), "spec/grid: ['lr'] is not of type 'object'"),
+    ("swept value not a scalar", _spec(sweep=["lr", "grid"]),
+     "spec/grid: {'lr': [0.001, 0.01, 0.1]} is swept, so it must be a string or a number"),
+    ("swept value null", _spec(sweep=["lr", "extra"], extra=None),
+     "spec/extra: None is swept, so it must be a string or a number"),
+    ("spec lacks a key the report shows", _spec(width=DROP), "spec: 'width' is missing (the report shows it)"),
+    ("spec value of the wrong type", _spec(weight_decay="0.05"), "spec/weight_decay: '0.05' is not of type 'number'"),
+    ("spec source not a string", _spec(source=5), "spec/source: 5 is not of type 'string'"),
+    ("spec title a list", _spec(title=["Task B"]), "spec/title: ['Task B'] is not of type 'string'"),
+    ("NaN accuracy", lambda o: o["metrics"]["test"].update(accuracy=float("nan")),
+     "metrics/test/accuracy: nan is not a finite number (JSON has no NaN or Infinity)"),
+    ("NaN probability", lambda o: o["predictions"]["y_score"].__setitem__(3, float("nan")),
+     "predictions/y_score/3: nan is not a finite number (JSON has no NaN or Infinity)"),
+    ("Infinity train time", lambda o: o["timing"].update(train_seconds=float("inf")),
+     "timing/train_seconds: inf is not a finite number (JSON has no NaN or Infinity)"),
+    ("predictions of unequal lengths", lambda o: o["predictions"]["y_pred"].pop(),
+     "predictions: y_true has 60, y_score has 60, y_pred has 59 values; one per test image"),
+    ("predictions of no image", lambda o: o["predictions"].update(y_true=[], y_score=[], y_pred=[]),
+     "predictions: no test image"),
+    ("ok run without test accuracy", lambda o: o["metrics"]["test"].update(accuracy=None),
+     "metrics/test/accuracy: null in a run with status ok"),
+]
+
+
+def with_bad_record(results_dir: Path, change, seed: int = 1) -> Path:
+    """partial_suite plus a record of learning rate 0.001, seed `seed`, changed by change(dict), written as
+    Python's json writes it (NaN and Infinity included)."""
+    if not (results_dir / "runs").is_dir():
+        partial_suite(results_dir)
+    o = fabricate(TASK_LR.settings[0], TASK_LR, seed, index=5 + seed).to_dict()
+    change(o)
+    path = results_dir / "runs" / o["id"] / f"seed-{seed}.json"
+    path.write_text(json.dumps(o))
+    return results_dir
+
+
+@pytest.mark.parametrize(("what", "change", "reason"), UNUSABLE, ids=[u[0] for u in UNUSABLE])
+def test_a_record_the_report_cannot_use_is_skipped_with_its_reason(tmp_path, what, change, reason):
+    text = report.render(with_bad_record(tmp_path, change), figures=False).read_text()
+    assert "\n## Skipped files\n\n1 result file could not be read as a run record" in text
+    assert f"\n- `{BAD}`: {reason}" in text
+    # the report renders from the rest, as without the bad file
+    assert "from 2 result files." in text and "| learning rate 0.001 | 1 ok |" in text
+    assert "| learning rate 0.01 | 1 ok |" in text and "| `lr-ce-lr0.001-bs32` | 1 |" not in text
+
+
+def test_every_unusable_record_at_once_with_figures(tmp_path):
+    """Some crashed only in the figures (a null accuracy) or only beside others (a null swept value)."""
+    for i, (_, change, _) in enumerate(UNUSABLE):
+        with_bad_record(tmp_path / "results", change, seed=10 + i)
+    out = report.render(tmp_path / "results", tmp_path / "site" / "report.md")
+    text = out.read_text()
+    assert f"\n{len(UNUSABLE)} result files could not be read as a run record" in text
+    for i, (what, _, reason) in enumerate(UNUSABLE):
+        assert f"\n- `runs/lr-ce-lr0.001-bs32/seed-{10 + i}.json`: {reason}" in text, what
+    assert "from 2 result files." in text and "| learning rate 0.01 | 1 ok |" in text
+    assert {p.name for p in (out.parent / "figures").iterdir()} == {f"lr-{k.kind}.png" for k in report.FIGURE_KINDS}
+
+
+def test_the_schema_states_the_rules_of_sweep_and_grid():
+    good = fabricate(TASK_LR.settings[0], TASK_LR, 0).to_dict()
+    record.from_dict(good)  # the shipped spec files' sweep and grid pass
+    spec = record.schema()["properties"]["spec"]["properties"]
+    assert spec["grid"]["additionalProperties"]["type"] == "array" and spec["grid"]["additionalProperties"]["minItems"]
+    assert spec["sweep"]["uniqueItems"] and spec["sweep"]["items"]["minLength"] == 1
+    for change in (_spec(grid={"lr": 0.1}), _spec(grid={"lr": []}), _spec(sweep=[""]), _spec(sweep=["lr", "lr"]),
+                   _spec(grid={"lr": [0.1, 0.1]})):
+        o = json.loads(json.dumps(good))
+        change(o)
+        with pytest.raises(record.RecordError, match=r"^where\.json: spec/(grid|sweep)"):
+            record.from_dict(o, "where.json")
+    # what JSON Schema cannot say, the report checks: a swept key the spec has
+    assert report.why_unusable(record.from_dict(good)) is None
+    o = json.loads(json.dumps(good))
+    _spec(sweep=["lr", "gamma"])(o)
+    assert report.why_unusable(record.from_dict(o)) == "spec/sweep: 'gamma' is not a key of the spec"
+
+
+def test_json_that_python_cannot_read_is_skipped(tmp_path):
+    """Nested deeper than json's recursion limit, or an integer of more digits than Python converts: not a
+    JSONDecodeError, but unreadable all the same (they stopped the report)."""
+    results_dir = partial_suite(tmp_path)
+    good = json.loads((results_dir / "runs/lr-ce-lr0.001-bs32/seed-0.json").read_text())
+    deep = json.dumps({**good, "seed": 1, "spec": {**good["spec"], "extra": 0}})
+    (results_dir / "runs/lr-ce-lr0.001-bs32/seed-1.json").write_text(
+        deep.replace('"extra": 0', '"extra": ' + "[" * 5000 + "]" * 5000))
+    (results_dir / "runs/lr-ce-lr0.001-bs32/seed-2.json").write_text(
+        json.dumps({**good, "seed": 2}).replace('"seed": 2', '"seed": ' + "2" * 5000, 1))
+    text = report.render(results_dir, figures=False).read_text()
+    assert f"\n- `{BAD}`: unreadable result file (RecursionError: " in text
+    assert "\n- `runs/lr-ce-lr0.001-bs32/seed-2.json`: unreadable result file (ValueError: " in text
+    assert "from 2 result files." in text
+
+
+def test_times_without_a_utc_offset_are_left_out(tmp_path):
+    """A naive time beside aware ones cannot be ordered (it raised TypeError): it counts as unknown."""
+    def naive(o):
+        o["environment"].update(started_at="2025-03-01T09:00:00", finished_at="2025-03-01T12:00:00")
+
+    text = report.render(with_bad_record(tmp_path, naive), figures=False).read_text()
+    assert "Skipped files" not in text and "| learning rate 0.001 | 2 ok |" in text
+    assert "| Started / finished | 2025-03-01 10:10 UTC / 2025-03-01 10:13 UTC |" in text
+
+
+def test_a_total_time_beyond_float_range_reads_na(tmp_path):
+    """Train times that the schema allows (numbers >= 0) but whose sum overflows to inf (it raised OverflowError)."""
+    runs = [fabricate(kw, TASK_LR, 0, index=i) for i, kw in enumerate(TASK_LR.settings[:2])]
+    runs = [dataclasses.replace(r, timing={**r.timing, "train_seconds": 1.7e308}) for r in runs]
+    text = report.render(write_runs(tmp_path, runs), figures=False).read_text()
+    assert "| Total time | n/a of training and evaluation over 2 runs;" in text
+    assert report.duration(float("inf")) == "n/a" and report.duration(90.0) == "2 min"
+
+
+def test_history_rows_without_optional_keys_render(tmp_path):
+    """lr, val_loss, val_accuracy, val_auroc and seconds are optional in a history row: curves draw what is there."""
+    runs = [fabricate(kw, TASK_LR, s, index=2 * i + s) for i, kw in enumerate(TASK_LR.settings[:2]) for s in (0, 1)]
+    bare = [{k: row[k] for k in ("epoch", "train_loss", "train_accuracy")} for row in runs[0].history]
+    half = [row if row["epoch"] % 2 else {k: row[k] for k in ("epoch", "train_loss", "train_accuracy")}
+            for row in runs[2].history]
+    runs[0] = dataclasses.replace(runs[0], history=tuple(bare))
+    runs[2] = dataclasses.replace(runs[2], history=tuple(half))
+    out = report.render(write_runs(tmp_path / "results", runs), tmp_path / "site" / "report.md")
+    text = out.read_text()
+    assert "Skipped files" not in text and "| learning rate 0.001 | 2 ok |" in text
+    assert (out.parent / "figures" / "lr-curves.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_a_failed_write_leaves_the_previous_report(tmp_path, monkeypatch):
     results_dir = partial_suite(tmp_path)
     out = report.render(results_dir, figures=False)
@@ -436,7 +591,7 @@ def test_a_failed_write_leaves_the_previous_report(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", full_disk)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises((OSError, results.StoreError), match="No space left"):  # cxr.results may name the file
         report.render(results_dir, figures=False)
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == entries  # no temp file left

@@ -77,7 +77,8 @@ def collect(pytester: pytest.Pytester, spec_dir: Path, *args: str) -> tuple[list
                               "--specs", str(spec_dir), *args)
     items = rec.getcalls("pytest_collection_finish")[0].session.items
     ids = [item.callspec.id for item in items if item.originalname == "test_experiment"]
-    throughput = sum(item.originalname in ("test_throughput", "test_fused_throughput") for item in items)
+    throughput = sum(item.originalname in ("test_throughput", "test_fused_throughput", "test_store_lookup")
+                     for item in items)
     return ids, throughput, rec.getcalls("pytest_deselected")
 
 
@@ -98,11 +99,11 @@ def test_k_selects_what_the_user_means(pytester, spec_dir, expr, expected):
     assert ids == [f"{i}-seed0" for i in expected]
     # the same runs as `cxr-bench run -k` (cxr.spec.matches), in the same order
     assert ids == [s.run_id for s in spec_mod.load([spec_dir]) if selection.matches(s, expr)]
-    # the throughput cases train with no loss of their own: a loss word never selects them
-    assert throughput == (12 if expr.startswith("not") else 0)
-    # deselected once, by the runner's hook, and reported: 6 experiment + 3 + 9 throughput cases in all
+    # the throughput and store-lookup cases have no loss of their own: a loss word never selects them
+    assert throughput == (14 if expr.startswith("not") else 0)
+    # deselected once, by the runner's hook, and reported: 6 experiment + 3 + 9 throughput + 2 lookup cases
     assert len(deselect_calls) == 1
-    assert len(deselect_calls[0].items) == 18 - len(ids) - throughput
+    assert len(deselect_calls[0].items) == 20 - len(ids) - throughput
 
 
 def test_k_keeps_pytest_meaning_for_other_words_and_outside_benchmarks(pytester, spec_dir):

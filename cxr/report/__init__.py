@@ -1,11 +1,12 @@
 """The Markdown report: tables, paired tests, figures and analysis sentences from stored results.
 
 `render(results_dir)` reads every results/runs/<id>/seed-<n>.json (cxr.results.read: RunRecord
-objects; a file that is not a readable record is listed under "Skipped files"), groups the runs into
-comparisons (all runs sharing spec.name and spec.sweep; a setting is one value of the swept key(s) and
-one recipe, data content and training version: different ones are never averaged), computes the
-statistics (cxr.stats), draws the figures (matplotlib, PNG) into <out dir>/figures and renders
-templates/report.md.j2 (Jinja2, StrictUndefined); report and figures are replaced atomically.
+objects; a file that is not a readable record, or a record the report cannot use, is listed under
+"Skipped files" with its reason), groups the runs into comparisons (all runs sharing spec.name and
+spec.sweep; a setting is one value of the swept key(s) and one recipe, data content and training
+version: different ones are never averaged), computes the statistics (cxr.stats), draws the figures
+(matplotlib, PNG) into <out dir>/figures and renders templates/report.md.j2 (Jinja2, StrictUndefined);
+report and figures are replaced atomically.
 
     format     how numbers, intervals, p-values and swept values read; the Jinja filters
     prose      the analysis sentences, each built under a condition that makes it true
@@ -15,7 +16,8 @@ templates/report.md.j2 (Jinja2, StrictUndefined); report and figures are replace
     figures    FIGURE_KINDS, the one table of figures: file suffix, alt text, draw function
     info       the "What was run" rows and the "All runs" table
     timings    pytest-benchmark JSON as tables
-    files      reading the result files (skipping unreadable ones), atomic writes with the user's mode
+    files      reading the result files (skipping unreadable ones and records the report cannot use:
+               why_unusable), atomic writes with the user's mode
     template   the Jinja environment, the context, the sections, render()
 
 The report knows no course: section headings are the spec files' titles (spec.title) and the grid
@@ -24,7 +26,7 @@ it expects is the spec file's (spec.grid).
 
 from cxr.report.decision import argmax_accuracy, decision_text, ensemble, is_plain
 from cxr.report.figures import FIGURE_KINDS, FigureKind, accuracy_figure, curves_figure, roc_figure, with_figures
-from cxr.report.files import draw_atomically, load, skipped_line, write_text
+from cxr.report.files import draw_atomically, load, skipped_line, why_unusable, write_text
 from cxr.report.format import (
     FILTERS,
     KEY_NAMES,
@@ -102,5 +104,5 @@ __all__ = [
     # what was run, timings
     "run_info", "run_rows", "_training", "benchmarks",
     # files
-    "load", "skipped_line", "write_text", "draw_atomically",
+    "load", "why_unusable", "skipped_line", "write_text", "draw_atomically",
 ]

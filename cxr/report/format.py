@@ -7,6 +7,7 @@ Each takes None (or a summary whose mean is None) and gives "n/a".
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -78,7 +79,7 @@ def rate(x) -> str:
 
 
 def duration(seconds) -> str:
-    if seconds is None:
+    if seconds is None or not math.isfinite(seconds):  # a sum of huge times overflows to inf
         return "n/a"
     if seconds < 60:
         return f"{seconds:.1f} s"

@@ -19,10 +19,13 @@ def _distinct(values, sep: str = ", ") -> str:
 
 
 def _time(s: str | None) -> dt.datetime | None:
+    """An ISO time with its UTC offset (cxr.env writes one); None for one without: it cannot be ordered
+    against the others."""
     try:
-        return dt.datetime.fromisoformat(s) if s else None
+        t = dt.datetime.fromisoformat(s) if isinstance(s, str) else None
     except ValueError:
         return None
+    return t if t is not None and t.tzinfo is not None else None
 
 
 def _training(s: dict) -> str:

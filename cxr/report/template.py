@@ -1,7 +1,8 @@
 """Rendering: results directory -> context -> templates/report.md.j2 (Jinja2, StrictUndefined) -> report.md.
 
-A result file that cannot be read is listed under "Skipped files", not fatal; report.md and the
-figures are written atomically (cxr.report.files), so a failed render leaves the previous ones.
+A result file that cannot be read, or a record the report cannot use (cxr.report.files.why_unusable), is
+listed under "Skipped files", not fatal; report.md and the figures are written atomically
+(cxr.report.files), so a failed render leaves the previous ones.
 
 The report knows nothing about any course or task list: a comparison's section is the title its runs'
 spec file gave them (spec.title), and what was meant to run is the spec file's grid (spec.grid) and
@@ -130,7 +131,8 @@ def render(results_dir: str | Path = "results", out: str | Path | None = None,
     its figures to <out dir>/figures/*.png; returns the report's path. Each file is replaced whole
     (temp file, then rename) with the permissions of a plain open(path, "w"): a render that fails midway
     (a full disk) leaves the previous report, never a truncated one. A result file that is not a
-    readable run record is left out and listed under "Skipped files".
+    readable run record, or a record the report cannot use, is left out and listed under "Skipped files"
+    with its reason.
 
     specs: spec files or directories whose titled experiments are expected: one with no results is
     listed as not run. None: expect nothing beyond what the results show. A spec file that cannot be
