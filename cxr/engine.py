@@ -30,7 +30,7 @@ from tqdm import tqdm
 from cxr import data as data_mod
 from cxr import graphs, kernels, losses, record
 from cxr.decision import Decision
-from cxr.env import resolve_device, synchronize
+from cxr.env import resolve_device, resolve_precision, synchronize
 from cxr.errors import one_line
 from cxr.evaluate import evaluate_split
 from cxr.models import build_model
@@ -56,6 +56,7 @@ class Fit:
     fused_with: list[str] | None = None  # the other run ids of its group when it had several, else None
     fused_kernel: str | None = None  # the group's kernel (cxr.kernels.KERNELS), when it had several runs
     resumed_after_epoch: int | None = None  # the last epoch of the checkpoint it resumed from
+    precision: str = "fp32"  # what the training arithmetic was: "bf16" (autocast) or "fp32"
     checkpoint_seconds: float = 0.0  # writing its end-of-epoch checkpoints
 
 
@@ -91,10 +92,11 @@ class Member:
     def __init__(self, spec: ExperimentSpec, data: data_mod.Dataset, y_train: torch.Tensor, device: torch.device):
         self.spec = spec
         self.decision = Decision.of(spec, data.train.y)  # validation is read with the spec's rule and TTA
+        self.precision = resolve_precision(spec.precision, device)
+        self.bf16 = self.precision == "bf16"  # autocast of forward and backward; losses, statistics, state fp32
         seed_everything(spec.seed)
         self.model = build_model(spec.model, spec.num_outputs, spec.width).to(device)
-        if device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+        self.model = self.model.to(memory_format=torch.channels_last)  # conv kernels of CPUs and GPUs prefer it
         self.optimizer = make_optimizer(spec, self.model.parameters(), device)
         self.generator = torch.Generator(device=device).manual_seed(spec.seed)
         self.ema = ema_model(self.model, spec.ema) if spec.ema else None
@@ -171,7 +173,7 @@ class Step:
         self.members, self.x, self.y, self.batch_size = members, x, y, batch_size
         self.body = functools.partial(kernels.BODIES[kernel], self)
         self.fused = kernels.FusedConvNet([mb.model for mb in members]).train() if kernel == "grouped" else None
-        self.cuda = device.type == "cuda"
+        self.cuda, self.device_type = device.type == "cuda", device.type
         self.augmenting = augmenting(members[0].spec)
         self.loss_sum = torch.zeros(len(members), device=device)
         self.correct = torch.zeros(len(members), device=device, dtype=torch.long)
@@ -231,8 +233,7 @@ def fit(specs: ExperimentSpec | list[ExperimentSpec], data: data_mod.Dataset, de
         torch.backends.cudnn.benchmark = True
     x_train, y_train = data.train.x.to(device), data.train.y.to(device)
     x_val, y_val = data.val.x.to(device), data.val.y.to(device)  # validated every epoch: keep it there too
-    if cuda:
-        x_train = x_train.contiguous(memory_format=torch.channels_last)
+    x_train = x_train.contiguous(memory_format=torch.channels_last)  # once, not per batch
     members = [Member(s, data, y_train, device) for s in specs]
     if checkpoints is not None:
         _resume(members, data, y_train, device, checkpoints)
@@ -268,6 +269,7 @@ def fit(specs: ExperimentSpec | list[ExperimentSpec], data: data_mod.Dataset, de
         r.cuda_graph = step is not None and step.graphs is not None
         r.graph_steps = step.steps if r.cuda_graph else None
         r.capture_error = step.capture_error if step is not None else None
+        r.precision = mb.precision
         if len(specs) > 1:
             r.fused_with, r.fused_kernel = [i for i in ids if i != mb.spec.run_id], kernel
         if r.status == record.OK:

@@ -4,6 +4,7 @@ block every run record carries."""
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import os
 import platform
 import socket
@@ -77,6 +78,27 @@ def environment(device: torch.device) -> dict:
         "device": device.type, "device_name": device_name(device), "cpu": cpu_text(),
         "hostname": socket.gethostname(), **provenance(),
     }
+
+
+@functools.cache
+def bf16_native(device_type: str) -> bool:
+    """Whether the device computes bf16 natively: a CUDA GPU that supports it, or a CPU with avx512_bf16
+    or AMX (read from /proc/cpuinfo's flags: detected, not guessed; elsewhere False)."""
+    if device_type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    try:
+        flags = next((line for line in Path("/proc/cpuinfo").read_text().splitlines()
+                      if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """A spec's precision on `device`: "auto" is "bf16" where the device computes bf16 natively, else "fp32"."""
+    if precision == "auto":
+        return "bf16" if bf16_native(device.type) else "fp32"
+    return precision
 
 
 def now() -> str:

@@ -41,7 +41,7 @@ def fusion_key(spec: ExperimentSpec) -> tuple | None:
     if not spec.fuse or spec.model not in FUSABLE_MODELS:
         return None
     return (spec.dataset, spec.image_size, spec.model, spec.width, spec.batch_size, spec.epochs,
-            spec.augment_shift, spec.augment_rotate, spec.augment_scale)
+            spec.augment_shift, spec.augment_rotate, spec.augment_scale, spec.precision)
 
 
 def default_kernel(device: torch.device) -> str:
@@ -71,7 +71,7 @@ def loop(step, idx: torch.Tensor) -> None:
     """Each member's own step in turn, on its batch x[idx[k]]: forward, loss, backward, optimizer."""
     for k, mb in enumerate(step.members):
         xb, yb = augment(step.x[idx[k]], mb.spec, mb.generator), step.y[idx[k]]
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=step.cuda, cache_enabled=False):
+        with torch.autocast(step.device_type, dtype=torch.bfloat16, enabled=mb.bf16, cache_enabled=False):
             logits = mb.model(xb)
         loss = mb.loss.train_loss(logits.float(), yb, mb.spec, mb.class_weights)
         loss.backward()
@@ -88,8 +88,8 @@ def grouped(step, idx: torch.Tensor) -> None:
     else:
         xs = step.x[idx.reshape(-1)].view(m, b, *step.x.shape[1:])
     xb = xs[:, :, 0].transpose(0, 1)  # (B, M, H, W): member k's images are channel k
-    xb = xb.contiguous(memory_format=torch.channels_last if step.cuda else torch.contiguous_format)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=step.cuda, cache_enabled=False):
+    xb = xb.contiguous(memory_format=torch.channels_last)
+    with torch.autocast(step.device_type, dtype=torch.bfloat16, enabled=step.members[0].bf16, cache_enabled=False):
         logits = step.fused(xb)
     member_losses, correct = [], []
     for k, (mb, lg) in enumerate(zip(step.members, logits, strict=True)):

@@ -79,6 +79,7 @@ class Timing(TypedDict, total=False):
     #                        train_seconds is the group's time while this run took part
     fused_kernel: str  # how the group's step ran: "grouped" (one grouped convolution per layer) or "loop"
     fused_error: str  # why this run's fused group failed, so that it trained alone instead
+    precision: str  # the training arithmetic: "bf16" (autocast) or "fp32" (spec precision, resolved on the device)
     checkpoint_seconds: float  # writing its end-of-epoch checkpoints (cxr.sweep.StoreCheckpoints)
     resumed_after_epoch: int  # the last epoch of the checkpoint it resumed from (a killed run, continued)
 

@@ -32,6 +32,7 @@ SCHEDULES = ("none", "cosine", "onecycle", "step")
 SELECT_METRICS = ("loss", "accuracy", "auroc", "last")
 CLASS_WEIGHTS = ("none", "balanced")
 DECISIONS = ("argmax", "equal-prior")
+PRECISIONS = ("auto", "fp32", "bf16")  # resolved on the device by cxr.env.resolve_precision
 MODELS = ("cnn", "vgg", "resnet18")  # kept in step with cxr.models.MODELS (a test checks)
 
 
@@ -68,6 +69,8 @@ class ExperimentSpec:
     #                           Bayes rule for equal priors (Saerens et al. 2002); fits nothing
     tta: int = 0  # test-time augmentation: the mean probability over the identity and `tta` fixed draws of
     #               the spec's own affine augmentation, for validation and test; 0 = off
+    precision: str = "auto"  # training arithmetic: "bf16" autocast (losses, BatchNorm statistics and optimizer
+    #                          state stay fp32), "fp32", or "auto": bf16 where the device computes it natively
     seed: int = 0
     # Bookkeeping, not part of the training recipe (excluded from spec_hash):
     fuse: bool = True  # may train together with the sweep's compatible runs as one batched model
@@ -137,15 +140,16 @@ class ExperimentSpec:
 
 _BOOKKEEPING = ("name", "title", "sweep", "grid", "source", "fuse")
 _ADDED_LATER = {"ema": 0.0, "focal_gamma": 2.0, "class_weight": "none", "decision": "argmax",
-                "tta": 0}  # field -> the default that is left out of spec_hash
+                "tta": 0, "precision": "auto"}  # field -> the default that is left out of spec_hash
 _SHORT = {"epochs": "ep", "image_size": "px", "weight_decay": "wd", "label_smoothing": "ls",
           "optimizer": "", "schedule": "", "model": "", "dataset": "data-", "width": "w",
-          "ema": "ema", "focal_gamma": "g", "class_weight": "cw-", "decision": "", "tta": "tta"}
+          "ema": "ema", "focal_gamma": "g", "class_weight": "cw-", "decision": "", "tta": "tta",
+          "precision": ""}
 _FIELDS = {f.name: f for f in dataclasses.fields(ExperimentSpec)}
 _SETTABLE = [k for k in _FIELDS if k not in ("seed", "sweep", "grid", "source")] + ["seeds"]
 _NOT_SWEPT = ("seeds", "name", "title", "fuse")
 _CHOICES = {"loss": LOSSES, "optimizer": OPTIMIZERS, "schedule": SCHEDULES, "select": SELECT_METRICS,
-            "model": MODELS, "class_weight": CLASS_WEIGHTS, "decision": DECISIONS}
+            "model": MODELS, "class_weight": CLASS_WEIGHTS, "decision": DECISIONS, "precision": PRECISIONS}
 # (low, high, low inclusive, high inclusive)
 _RANGES = {
     "image_size": (28, 512, True, True), "width": (1, 512, True, True),

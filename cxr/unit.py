@@ -22,8 +22,9 @@ from cxr.evaluate import evaluate_split
 from cxr.record import RunRecord
 from cxr.spec import ExperimentSpec
 
-TRAINING_VERSION = 1  # bump when code that decides training changes (engine, models, splits): stored
-#                       results of the old version are then not served (cxr.record.identity)
+TRAINING_VERSION = 2  # bump when code that decides training changes (engine, models, splits): stored
+#                       results of the old version are then not served (cxr.record.identity).
+#                       2: channels-last, fused optimizers and bf16 (spec precision) on CPUs too
 
 
 def identity(spec: ExperimentSpec, data: data_mod.Dataset) -> str:
@@ -101,7 +102,7 @@ def _timing(fitted: engine.Fit) -> dict:
     timing = {"train_seconds": round(fitted.train_seconds, 3),
               "images_per_second": round(fitted.train_images / max(fitted.train_seconds, 1e-9), 1),
               "eval_seconds": None, "setup_seconds": round(fitted.setup_seconds, 3),
-              "cuda_graph": fitted.cuda_graph}
+              "cuda_graph": fitted.cuda_graph, "precision": fitted.precision}
     if fitted.graph_steps:
         timing["graph_steps"] = fitted.graph_steps
     if fitted.capture_error:

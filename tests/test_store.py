@@ -93,8 +93,9 @@ def test_3_changed_data_behind_the_same_source_is_not_served(tmp_path, capsys, m
     assert second.data_fingerprint != first.data_fingerprint and second.identity != first.identity
     assert sweep.run(spec, tmp_path / "r", "cpu", progress=False).cached
     # a new training version (code that decides training changed) is not served either
-    monkeypatch.setattr(unit, "TRAINING_VERSION", unit.TRAINING_VERSION + 1)
-    with pytest.raises(results.StoreConflict, match="training version 1"):
+    stored_version = unit.TRAINING_VERSION
+    monkeypatch.setattr(unit, "TRAINING_VERSION", stored_version + 1)
+    with pytest.raises(results.StoreConflict, match=f"training version {stored_version} "):
         sweep.run(spec, tmp_path / "r", "cpu", progress=False)
 
 
