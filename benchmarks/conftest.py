@@ -468,6 +468,13 @@ def _throughput_table(tr, rows: list[dict]) -> None:
         evaluation = f"{r['engine_eval_ips']:>8.0f} {r['course_eval_ips']:>8.0f} {r['eval_ratio']:>7.2f}x"
         mfu = " ".join(f"{100 * r[k]:.3g}%".rjust(7) for k in ("engine_train_mfu", "course_train_mfu"))
         tr.write_line(f"{r['batch_size']:>5}  {train}  {evaluation}  {mfu}")
+    if first.get("engine_precision"):
+        tr.write_line(f"engine precision {first['engine_precision']} (spec precision auto); training MFU against the "
+                      f"peak of its precision (bf16 matmul: {first['peak_bf16_gflops']:.0f} GFLOP/s); the course "
+                      "loop is fp32, NCHW, DataLoader")
+        tr.write_line("engine in fp32 (precision = fp32), training: " + "; ".join(
+            f"batch {r['batch_size']}: {r['engine_fp32_train_ips']:.0f} images/s, {r['fp32_ratio']:.2f}x the course, "
+            f"MFU {100 * r['engine_fp32_train_mfu']:.3g}%" for r in rows))
     if any(r.get("engine_epoch_graph_train_ips") for r in rows):
         tr.write_line("engine with a whole epoch per CUDA graph replay (CXR_GRAPH_STEPS=epoch), training: "
                       + "; ".join(f"batch {r['batch_size']}: {r['engine_epoch_graph_train_ips']:.0f} images/s, "

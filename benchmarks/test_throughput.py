@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from dataclasses import replace
 
 import pytest
 import torch
@@ -77,6 +78,22 @@ def peak(cxr_settings) -> tuple[float, str]:
         synchronize(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best, f"{n}x{n} {str(dtype).removeprefix('torch.')} matmul"
+
+
+@pytest.fixture(scope="module")
+def peak_bf16(cxr_settings, peak) -> tuple[float, str]:
+    """The bf16 matmul peak (on CUDA `peak` is already bf16): what bf16 training is measured against."""
+    device = cxr_settings.device
+    if device.type == "cuda":
+        return peak
+    n = 2048
+    a, b = (torch.randn(n, n).to(torch.bfloat16) for _ in range(2))
+    best = math.inf
+    for _ in range(4):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best, f"{n}x{n} bfloat16 matmul"
 
 
 def best_rate(fn, device: torch.device) -> float:
@@ -145,7 +162,7 @@ def course_model(spec: ExperimentSpec, device: torch.device) -> tuple[nn.Module,
 
 
 @pytest.mark.parametrize("batch_size", BATCH_SIZES, ids=lambda b: f"batch{b}")
-def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, throughput_rows, monkeypatch):
+def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, peak_bf16, throughput_rows, monkeypatch):
     device = cxr_settings.device
     train, val = workload
     n_warm = WARMUP_BATCHES * batch_size
@@ -165,6 +182,12 @@ def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, through
     if fits[-1].model is None:
         pytest.fail(f"the engine's fit did not finish: {fits[-1].status} ({fits[-1].error})", pytrace=False)
     engine_train = max(f.train_images / f.train_seconds for f in fits)
+    precision = fits[-1].precision  # the default, "auto": bf16 where the device computes it natively
+    # The engine in fp32 too (precision = "fp32"), side by side: what channels-last and fused Adam give alone.
+    fp32_spec = replace(spec, precision="fp32")
+    fit(fp32_spec, _dataset(warm, val), device, progress=False)
+    engine_fp32 = max(f.train_images / f.train_seconds
+                      for f in (fit(fp32_spec, _dataset(train, val), device, progress=False) for _ in range(ROUNDS)))
     # On CUDA, also with every full batch of an epoch in one graph replay (cxr.graphs, CXR_GRAPH_STEPS=epoch).
     epoch_graph = None
     if device.type == "cuda":
@@ -193,8 +216,10 @@ def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, through
     peak_flops, peak_what = peak
     flops = count_flops(build_model("cnn", 2), IMAGE_SIZE)  # forward pass of one image
 
-    def mfu(images_per_second: float, passes: int) -> float:
-        return passes * flops * images_per_second / peak_flops
+    def mfu(images_per_second: float, passes: int, peak_of: float = peak_flops) -> float:
+        return passes * flops * images_per_second / peak_of
+
+    engine_peak = peak_bf16[0] if precision == "bf16" else peak_flops
 
     name = device_name(device) if device.type == "cuda" else f"CPU {cpu_text()}"
     row = {
@@ -206,7 +231,10 @@ def test_throughput(batch_size, benchmark, cxr_settings, workload, peak, through
         "epoch_graph_ratio": round(epoch_graph / course_train, 3) if epoch_graph else None,
         "engine_eval_ips": round(engine_eval, 1), "course_eval_ips": round(course_eval, 1),
         "eval_ratio": round(engine_eval / course_eval, 3),
-        "engine_train_mfu": mfu(engine_train, 3), "course_train_mfu": mfu(course_train, 3),
+        "engine_train_mfu": mfu(engine_train, 3, engine_peak), "course_train_mfu": mfu(course_train, 3),
+        "engine_precision": precision, "engine_fp32_train_ips": round(engine_fp32, 1),
+        "fp32_ratio": round(engine_fp32 / course_train, 3), "engine_fp32_train_mfu": mfu(engine_fp32, 3),
+        "peak_bf16_gflops": round(peak_bf16[0] / 1e9, 1),
         "engine_eval_mfu": mfu(engine_eval, 1), "course_eval_mfu": mfu(course_eval, 1),
         "model_mflops": flops / 1e6, "peak_gflops": round(peak_flops / 1e9, 1), "peak_matmul": peak_what,
     }
