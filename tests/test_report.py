@@ -1125,3 +1125,23 @@ def test_a_fused_run_shows_its_share_of_the_group_time(tmp_path):
 
     assert len(timing_rows(text)) == 3 and timing_rows(text) == timing_rows(lone)
     assert timing_rows(text)[0].endswith("| 6.0 | 900 |")
+
+
+def test_what_was_run_says_the_training_arithmetic(tmp_path, monkeypatch):
+    """timing.precision of the records; before it was recorded, bf16 autocast on CUDA and fp32 elsewhere."""
+    monkeypatch.chdir(REPO)
+    results_dir = full_suite(tmp_path / "results")
+    paths = sorted(results_dir.glob("runs/*/seed-*.json"))
+    for i, path in enumerate(paths):
+        obj = json.loads(path.read_text())
+        if obj["timing"] is None:  # a failed run
+            continue
+        if i % 2:
+            obj["timing"]["precision"] = "bf16"
+        else:
+            obj["timing"].pop("precision", None)
+            obj["environment"]["device"] = "cuda" if i % 4 == 0 else "cpu"
+        path.write_text(json.dumps(obj))
+    text = report.render(results_dir, figures=False, specs=[REPO / "specs"]).read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| Training arithmetic |"))
+    assert row == "| Training arithmetic | bf16 autocast (losses, BatchNorm statistics, optimizer state fp32); fp32 |"

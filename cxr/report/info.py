@@ -28,6 +28,14 @@ def _time(s: str | None) -> dt.datetime | None:
     return t if t is not None and t.tzinfo is not None else None
 
 
+_PRECISION = {"bf16": "bf16 autocast (losses, BatchNorm statistics, optimizer state fp32)", "fp32": "fp32"}
+
+
+def _precision(r: RunRecord) -> str:
+    """What a run's training arithmetic was; records before timing.precision: bf16 on CUDA, fp32 elsewhere."""
+    return r.timing_of("precision") or ("bf16" if (r.environment or {}).get("device") == "cuda" else "fp32")
+
+
 def _training(s: dict) -> str:
     """One line of a spec's training recipe; options at their off value are not mentioned."""
     parts = [f"{s['optimizer']}", f"schedule {s['schedule']}", f"weight decay {s['weight_decay']:g}"]
@@ -86,6 +94,7 @@ def run_info(results: list[RunRecord]) -> dict:
         ("Image size", _distinct(f"{s['image_size']} × {s['image_size']} px" for s in specs)),
         ("Training", _distinct((_training(s) for s in specs), "; ")),  # a recipe line holds commas
         ("Epochs", _distinct(sorted({s["epochs"] for s in specs}))),
+        ("Training arithmetic", _distinct(sorted({_PRECISION[_precision(r)] for r in fresh}), "; ")),
         ("Seeds", ", ".join(map(str, sorted({r.seed for r in results}))) or "n/a"),
         ("Device", _distinct(f"{e.get('device')} ({e.get('device_name')})" for e in env)),
         ("CPU", _distinct(e.get("cpu") for e in env)),
