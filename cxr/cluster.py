@@ -235,7 +235,7 @@ class _Sweep:
             say(f"Ray cluster of {len([n for n in ray.nodes() if n.get('Alive')])} nodes, {have.get('CPU', 0):g} "
                 f"CPUs, {have.get('GPU', 0):g} GPUs; each task: {gpus:g} GPU, {cpus:g} CPU, {self.threads} "
                 f"torch threads, device {on}")
-        self.relay = ray.remote(num_cpus=0)(relay_mod.Relay).remote()
+        self.relay = relay_mod.start(ray)
         try:
             for runs in self.todo.values():
                 self._submit(runs)
@@ -272,9 +272,9 @@ class _Sweep:
             spec = self.specs[i]
             self.previous[i] = results.stored(self.out, spec)
             data = data_mod.load(spec.dataset, spec.image_size)
-            if sweep.StoreCheckpoints(self.out, data, self.rerun).load(spec) is not None:  # same identity, readable
-                self.ray.get(self.relay.put.remote(spec.run_id, results.checkpoint_path(self.out, spec).read_bytes(),
-                                                   True))
+            found = sweep.StoreCheckpoints(self.out, data, self.rerun).read(spec)  # same identity, readable
+            if found is not None:
+                self.ray.get(self.relay.put.remote(spec.run_id, found[0], True))
         ref = self.task.remote([self.specs[i] for i in runs], self.threads, self.device, self.relay)
         self.pending[ref] = runs
 

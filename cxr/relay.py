@@ -9,13 +9,11 @@ so the driver can tell a task that waits for resources from one that runs.
 
 from __future__ import annotations
 
-import io
 import sys
 
-import torch
-
 from cxr import data as data_mod
-from cxr import unit
+from cxr import results, unit
+from cxr.errors import one_line
 from cxr.spec import ExperimentSpec
 
 
@@ -52,6 +50,15 @@ class Relay:
         return new, started
 
 
+def start(ray):
+    """The sweep's Relay, on the driver's node (a node lost mid-sweep must not take it along), restarted
+    by Ray should its process die anyway (it then holds no checkpoint: the store still has them)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    return ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1, scheduling_strategy=here)(Relay).remote()
+
+
 class RelayCheckpoints:
     """cxr.engine.Checkpoints on a worker, through the driver's Relay."""
 
@@ -61,16 +68,26 @@ class RelayCheckpoints:
     def load(self, spec: ExperimentSpec) -> dict | None:
         import ray
 
-        blob = ray.get(self.relay.get.remote(spec.run_id))
-        return None if blob is None else torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)["state"]
+        try:
+            blob = ray.get(self.relay.get.remote(spec.run_id))  # the driver checked its identity
+        except ray.exceptions.RayError as e:  # the relay is gone: the run starts over, it is not lost
+            _say(f"{spec.run_id}: no checkpoint to resume from ({one_line(e)})")
+            return None
+        return None if blob is None else results.load_checkpoint(blob)[1]
 
     def save(self, spec: ExperimentSpec, state: dict) -> None:
         import ray
 
-        buf = io.BytesIO()
-        torch.save({"identity": unit.identity(spec, self.data), "run": spec.run_id, "state": state}, buf)
-        ray.get(self.relay.put.remote(spec.run_id, buf.getvalue()))  # there before the next epoch starts
+        blob = results.checkpoint_bytes(unit.identity(spec, self.data), spec.run_id, state)
+        try:
+            ray.get(self.relay.put.remote(spec.run_id, blob))  # there before the next epoch starts
+        except ray.exceptions.RayError as e:  # as a full disk for a local run: it goes on, just not resumable
+            _say(f"{spec.run_id}: cannot save the checkpoint ({one_line(e)}); the run goes on without one")
 
     def discard(self, spec: ExperimentSpec, why: str) -> None:
-        print(f"cxr-bench: {spec.run_id}: checkpoint {why}; discarded, the run starts over", file=sys.stderr)
+        _say(f"{spec.run_id}: checkpoint {why}; discarded, the run starts over")
         self.relay.drop.remote(spec.run_id)
+
+
+def _say(line: str) -> None:
+    print(f"cxr-bench: {line}", file=sys.stderr, flush=True)

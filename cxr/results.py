@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import os
 import re
 import socket
@@ -97,6 +98,21 @@ def weights_path(out: str | Path, spec: ExperimentSpec) -> Path:
 def checkpoint_path(out: str | Path, spec: ExperimentSpec) -> Path:
     """Where a run being trained keeps its state at the end of its last epoch (cxr.sweep.StoreCheckpoints)."""
     return inside(out, Path(out) / "runs" / spec.id / f"seed-{spec.seed}.checkpoint.pt")
+
+
+def checkpoint_bytes(identity: str, run_id: str, state: dict) -> bytes:
+    """A checkpoint file's content: the run's identity and id beside the engine's state (torch.save)."""
+    buf = io.BytesIO()
+    torch.save({"identity": identity, "run": run_id, "state": state}, buf)
+    return buf.getvalue()
+
+
+def load_checkpoint(data: bytes) -> tuple[str | None, dict]:
+    """(identity, state) of a checkpoint file's content; raises (ValueError, torch's errors) when it is none."""
+    saved = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
+        raise ValueError("not a cxr-bench checkpoint")
+    return saved.get("identity"), saved["state"]
 
 
 def check_writable(out: str | Path) -> Path:

@@ -61,28 +61,33 @@ class StoreCheckpoints:
         self.failed: set[str] = set()  # runs whose checkpoint could not be written (said once)
 
     def load(self, spec: ExperimentSpec) -> dict | None:
+        found = self.read(spec)
+        return None if found is None else found[1]
+
+    def read(self, spec: ExperimentSpec) -> tuple[bytes, dict] | None:
+        """(the file's bytes, its state) of the run's checkpoint when it may be resumed, else None (saying
+        why in one line): what `load` gives the engine, and what cxr.cluster hands a Ray task."""
         path = results.checkpoint_path(self.out, spec)
         if self.rerun or not path.is_file():
             return None
         try:
-            saved = torch.load(path, map_location="cpu", weights_only=True)
-            if not isinstance(saved, dict) or not isinstance(saved.get("state"), dict):
-                raise ValueError("not a cxr-bench checkpoint")
+            data = path.read_bytes()
+            ident, state = results.load_checkpoint(data)
         except Exception as e:  # noqa: BLE001 - truncated, corrupt, not ours: the run starts over
             self.discard(spec, f"unreadable ({one_line(e)})")
             return None
-        if saved.get("identity") != identity(spec, self.data):
+        if ident != identity(spec, self.data):
             _say(f"{path}: a checkpoint of another recipe, data or training version; not resumed, the run "
                  "starts over")
             return None
-        _say(f"{path}: resuming {spec.run_id} after epoch {saved['state'].get('epoch')}")
-        return saved["state"]
+        _say(f"{path}: resuming {spec.run_id} after epoch {state.get('epoch')}")
+        return data, state
 
     def save(self, spec: ExperimentSpec, state: dict) -> None:
         path = results.checkpoint_path(self.out, spec)
-        saved = {"identity": identity(spec, self.data), "run": spec.run_id, "state": state}
         try:
-            results.atomic_write(path, lambda f: torch.save(saved, f))
+            data = results.checkpoint_bytes(identity(spec, self.data), spec.run_id, state)
+            results.atomic_write(path, lambda f: f.write(data))
         except (CxrError, OSError, RuntimeError) as e:  # a full disk: the run goes on, it just cannot resume
             if spec.run_id not in self.failed:
                 self.failed.add(spec.run_id)
