@@ -45,7 +45,7 @@ def _record_path(tmp_path) -> Path:
 # ------------------------------------------------------------------------------ 1. unreadable results
 
 @pytest.mark.parametrize("damage", ["newer-schema", "added-field", "garbage", "no-permission"])
-def test_1_an_unreadable_result_blocks_its_run_and_is_not_replaced(tmp_path, capsys, fast, damage):
+def test_1_an_unreadable_result_blocks_its_run_and_is_not_replaced(tmp_path, capsys, fast, monkeypatch, damage):
     assert _cli_run(tmp_path) == 0
     path = _record_path(tmp_path)
     obj = json.loads(path.read_text())
@@ -57,9 +57,15 @@ def test_1_an_unreadable_result_blocks_its_run_and_is_not_replaced(tmp_path, cap
     elif damage == "garbage":
         path.write_bytes(b"{not json")
     else:
-        if os.geteuid() == 0:
-            pytest.skip("root reads a file without read permission: no such case as root")
         path.chmod(0)
+        real_open, denied = os.open, [True]
+
+        def open_as_a_user(p, flags, *args):  # root reads any file: deny it what a user without read permission meets
+            if denied[0] and Path(p) == path:
+                raise PermissionError(13, "Permission denied", str(p))
+            return real_open(p, flags, *args)
+
+        monkeypatch.setattr(os, "open", open_as_a_user)
     before, weights_before = path.read_bytes() if damage != "no-permission" else None, weights.read_bytes()
     capsys.readouterr()
     assert _cli_run(tmp_path) == 2
@@ -69,6 +75,9 @@ def test_1_an_unreadable_result_blocks_its_run_and_is_not_replaced(tmp_path, cap
         assert path.read_bytes() == before
     assert weights.read_bytes() == weights_before
     assert _cli_run(tmp_path, "--rerun") == 0  # --rerun replaces it
+    if damage == "no-permission":
+        assert "Permission denied" in err
+        denied[0] = False  # the new file is the user's own
     assert results.read(path).ok
 
 
