@@ -49,6 +49,9 @@ def cmd_run(args) -> int:
     sweep.check_environment()  # CXR_FUSE_KERNEL, CXR_GRAPH_STEPS
     if args.gpus_per_task is not None and not args.ray:
         raise CxrError("--gpus-per-task: only with --ray (a local run uses one device, --device)")
+    if args.jobs is not None and (args.jobs < 1 or args.ray):
+        raise CxrError(f"--jobs {args.jobs}: give 1 or more" if args.jobs < 1 else
+                       "--jobs: not with --ray (a Ray task asks for CPUs of its own; OMP_NUM_THREADS sets them)")
     if not specs:  # more shards than recipes: this job-array task has nothing to do, which is no failure
         print(f"cxr-bench run: shard {index}/{count} is empty ({selected} run{'s' * (selected > 1)} selected, "
               f"dealt to {count} shards by recipe); nothing to do")
@@ -83,6 +86,11 @@ def cmd_run(args) -> int:
     if args.ray:  # ---- --ray: the same units as Ray tasks (cxr.cluster); only this process writes the store
         cluster.run_on_ray(units, args.out, args.ray, args.gpus_per_task, rerun=args.rerun, device=args.device,
                            on_result=show, say=print)
+    elif args.jobs and args.jobs > 1:  # ---- --jobs: N worker processes on this machine (cxr.jobs)
+        from cxr import jobs
+
+        print(f"{args.jobs} worker processes, {jobs.threads_per_job(args.jobs)} torch threads each", flush=True)
+        jobs.run_in_jobs(units, args.out, args.jobs, args.device, rerun=args.rerun, on_result=show)
     else:
         for unit in units:
             for s, r in zip(unit, sweep.run_group(unit, args.out, args.device, rerun=args.rerun), strict=True):
@@ -179,6 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "batched model, cxr.engine; a spec's `fuse = false` keeps its runs alone)")
     sp.add_argument("--shard", metavar="I/N", help="run only the I-th of N deterministic slices (0 <= I < N) of the "
                                                   "selected runs, e.g. $SLURM_ARRAY_TASK_ID/4, into a shared --out")
+    sp.add_argument("--jobs", type=int, metavar="N",
+                    help="train N units side by side in worker processes, each with 1/N of the torch threads "
+                         "(cxr.jobs; for a machine with more cores than one training uses; default 1)")
     # --ray (cxr.cluster; pip install -e ".[ray]")
     sp.add_argument("--ray", metavar="ADDRESS",
                     help="spread the runs over a Ray cluster: local (start one on this machine for this command), "

@@ -9,7 +9,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
-STACK = [{"cli"}, {"cluster"}, {"sweep", "relay"}, {"unit"}, {"engine"}, {"kernels", "graphs"}]  # top to bottom
+STACK = [{"cli"}, {"cluster", "jobs"}, {"sweep", "relay"}, {"unit"}, {"engine"}, {"kernels", "graphs"}]  # top to bottom
 
 
 def _modules() -> dict[str, Path]:
