@@ -9,9 +9,10 @@ The units are `cxr.sweep.groups`' units, with every fused group split into up to
 the workers share its work (`split`); the runs of one identity ("twins") stay in one piece, so that they
 train once and the others are copies. The pieces are handed out largest first. Each worker runs
 `cxr.sweep.run_group` into the same store, under the store's own claims, as processes given `--shard`
-do: a run another process trains is `busy`, a stored one is served. A run trains exactly as it would in
-`cxr-bench run` with OMP_NUM_THREADS set to the worker's thread count; on a CPU the loop kernel computes
-each member as it would alone, so neither the split nor N changes a result at a given thread count.
+do: a run another process trains is `busy`, a stored one is served. A run trains as it would in
+`cxr-bench run` with OMP_NUM_THREADS set to the worker's thread count. With the loop kernel, which
+computes each member as it would alone, neither the split nor N changes a result at a given thread count
+(tested); the grouped kernel's arithmetic may differ in the last bits with the size of the group.
 
 Workers are started with "spawn" (a fresh interpreter; forking a process that has started OpenMP threads
 can hang). A data or device error in a worker stops the sweep as it would a sequential one; Ctrl-C stops

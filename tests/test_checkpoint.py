@@ -106,7 +106,7 @@ def test_members_of_a_group_at_different_epochs_catch_up(tiny_data):
     with pytest.raises(Killed):
         engine.fit(GROUP[:1], tiny_data, "cpu", progress=False, checkpoints=store)
     store.kill_after = None
-    resumed = engine.fit([GROUP[0], GROUP[3]], tiny_data, "cpu", progress=False, checkpoints=store)
+    resumed = engine.fit([GROUP[0], GROUP[3]], tiny_data, "cpu", progress=False, checkpoints=store, kernel="loop")
     for a, spec in zip(resumed, [GROUP[0], GROUP[3]], strict=True):
         _same(a, engine.fit(spec, tiny_data, "cpu", progress=False))
     assert [f.resumed_after_epoch for f in resumed] == [3, None]

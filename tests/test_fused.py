@@ -210,8 +210,26 @@ def _suite_split(store):
     return module.split(store)
 
 
-def test_cxr_bench_run_fuses_by_default_and_stores_ordinary_results(tmp_path, capsys):
+@pytest.mark.parametrize("native, precision, batch, expected", [
+    (True, "auto", 32, "grouped"), (True, "bf16", 64, "grouped"), (True, "auto", 128, "loop"),
+    (True, "fp32", 32, "loop"), (False, "auto", 32, "loop"), (False, "bf16", 32, "grouped"),
+])
+def test_the_cpu_default_kernel_is_grouped_for_bf16_at_small_batches_only(monkeypatch, native, precision, batch,
+                                                                           expected):
+    monkeypatch.delenv(kernels.KERNEL_ENV, raising=False)
+    monkeypatch.setattr("cxr.env.bf16_native", lambda device_type: native)
+    spec = ExperimentSpec(name="k", precision=precision, batch_size=batch)
+    assert kernels.default_kernel(torch.device("cpu"), spec) == expected
+    assert kernels.choose([spec, replace(spec, seed=1)], torch.device("cpu")) == expected
+    assert kernels.choose([spec], torch.device("cpu")) == "loop"  # a lone run
+    monkeypatch.setenv(kernels.KERNEL_ENV, "loop")
+    assert kernels.choose([spec, replace(spec, seed=1)], torch.device("cpu")) == "loop"
+
+
+def test_cxr_bench_run_fuses_by_default_and_stores_ordinary_results(tmp_path, capsys, monkeypatch):
     from tests.conftest import learnable_npz
+
+    monkeypatch.setenv(kernels.KERNEL_ENV, "loop")  # the exact kernel; the CPU default is machine-dependent
 
     npz = learnable_npz(tmp_path / "d.npz")
     base = ["run", str(_spec_file(tmp_path)), "--data", f"npz:{npz}"]
