@@ -1,4 +1,5 @@
-"""`cxr-bench`: run, evaluate, report, specs. Exit status 0 ok, 1 some run failed, 2 bad input.
+"""`cxr-bench`: run, evaluate, report, specs, compare, history. Exit status 0 ok, 1 some run failed (compare: a
+regression), 2 bad input.
 
 Every error meant for the user is a cxr.errors.CxrError (or an OSError from the file system): it is
 printed as one line and the exit status is 2. Anything else is a bug and surfaces with its traceback.
@@ -161,8 +162,40 @@ def cmd_report(args) -> int:
     from cxr import report
 
     specs = args.specs if args.specs is not None else (["specs"] if Path("specs").is_dir() else [])
-    path = report.render(args.results, out=args.out, benchmark_json=args.benchmark_json, specs=specs)
+    path = report.render(args.results, out=args.out, benchmark_json=args.benchmark_json, specs=specs,
+                         history=args.history)
     print(f"report written to {path}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from cxr import compare, gate, results
+
+    the_gate = gate.Gate(alpha=args.alpha, min_effect=args.min_effect, factor=args.factor)  # refused before reading
+    result = compare.compare(compare.load_store(args.base, "BASE"), compare.load_store(args.new, "NEW"), the_gate)
+    text = compare.markdown(result)
+    if args.out:
+        results.atomic_write(Path(args.out), lambda f: f.write(text.encode()))
+    if args.json:
+        print(json.dumps(compare.to_json(result)))
+    elif args.out:
+        named = "; ".join([", ".join(r["ids"]) for r in result.regressions]
+                          + [f"{n['id']} no longer finishes" for n in result.unfinished])
+        print(f"{result.verdict}{f' ({named})' if named else ''}; table written to {args.out}")
+    else:
+        print(text, end="")
+    return result.exit_status
+
+
+def cmd_history(args) -> int:
+    from cxr import history
+
+    skipped: list[str] = []
+    lines = history.lines(args.store, commit=args.commit, date=args.date, skipped=skipped)
+    n = history.append(args.file, lines)
+    for line in skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    print(f"{n} line{'s' * (n != 1)} (commit {lines[0]['commit']}, store {lines[0]['store']}) appended to {args.file}")
     return 0
 
 
@@ -237,7 +270,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--benchmark-json", help="pytest-benchmark JSON to add its timings")
     sp.add_argument("--specs", action="append", metavar="SPEC_OR_DIR",
                     help="spec files whose titled experiments the report expects (default: specs/ if present)")
+    sp.add_argument("--history", metavar="FILE", help="a history file (cxr-bench history) whose section, each "
+                    "setting across commits, is added")
     sp.set_defaults(func=cmd_report)
+
+    from cxr.gate import Gate
+
+    sp = sub.add_parser("compare", help="compare two results directories: exit 1 on a regression, 2 on bad input")
+    sp.add_argument("base", metavar="BASE", help="results directory of the baseline")
+    sp.add_argument("new", metavar="NEW", help="results directory of the change")
+    sp.add_argument("--out", metavar="FILE", help="write the Markdown table there (for $GITHUB_STEP_SUMMARY)")
+    sp.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    sp.add_argument("--alpha", type=float, default=Gate.alpha, help="family-wise level of the Holm-adjusted "
+                    "tests (default %(default)s)")
+    sp.add_argument("--min-effect", type=float, default=Gate.min_effect, metavar="POINTS",
+                    help="smallest drop that counts, in points: accuracies in percentage points, AUROC in "
+                         "hundredths (default %(default)s: 1 point, AUROC 0.01)")
+    sp.add_argument("--factor", type=float, default=Gate.factor, help="throughput regression: NEW / BASE below "
+                    "1 / FACTOR, on the same device name and torch build (default %(default)s)")
+    sp.set_defaults(func=cmd_compare)
+
+    sp = sub.add_parser("history", help="append a results directory's settings to a history file, one line each")
+    sp.add_argument("store", metavar="STORE", help="results directory")
+    sp.add_argument("--file", required=True, help="the history file (JSON lines), created when absent")
+    sp.add_argument("--commit", help="the commit measured (default: the runs' git commit, when they agree)")
+    sp.add_argument("--date", help="when (default: the last finished_at of the runs)")
+    sp.set_defaults(func=cmd_history)
     return p
 
 

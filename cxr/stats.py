@@ -5,6 +5,8 @@
   the discordant pairs).
 - `paired_bootstrap`: the accuracy difference of two settings with a bootstrap interval and
   p-value, resampling seed pairs and test images together (numpy Generator, fixed seed).
+- `paired_bootstrap_metrics`: the same bootstrap for any metric of a weighted sample (`BOOT_METRICS`:
+  accuracy, balanced accuracy, AUROC), every metric on the same resamples, vectorised.
 - `holm`: Holm's step-down adjustment when one comparison makes several tests.
 
 Undefined results are None (JSON null), never NaN.
@@ -94,6 +96,114 @@ def paired_bootstrap(y_true, preds_a, preds_b, *, n_boot: int = 2000, seed: int 
     return {"diff": float(d.mean()), "ci_low": float(low), "ci_high": float(high),
             "p_value": float(min(1.0, 2 * min(share_le, share_ge))),
             "n_boot": n_boot, "n_seeds": s, "n_images": n}
+
+
+# ---- the paired bootstrap of any metric: a resample of images is a count per image (a weight), so each metric
+# is a function of weights, computed for every resample at once. metric(y_true (N,), values (S, N), weights
+# (B, N)) -> (B, S): the metric of each seed's run under each resample's image counts (NaN where undefined,
+# e.g. a resample without a normal image for balanced accuracy).
+
+def _weighted_accuracy(y_true: np.ndarray, y_pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+    correct = (y_pred == y_true).astype(np.float64)
+    return (w @ correct.T) / w.sum(1, keepdims=True)
+
+
+def _weighted_recall(y_true: np.ndarray, y_pred: np.ndarray, w: np.ndarray, label: int) -> np.ndarray:
+    mask = y_true == label
+    correct = (y_pred[:, mask] == label).astype(np.float64)
+    wc = w[:, mask]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (wc @ correct.T) / wc.sum(1, keepdims=True)
+
+
+def _weighted_balanced_accuracy(y_true: np.ndarray, y_pred: np.ndarray, w: np.ndarray) -> np.ndarray:
+    return (_weighted_recall(y_true, y_pred, w, 1) + _weighted_recall(y_true, y_pred, w, 0)) / 2
+
+
+def _weighted_auroc(y_true: np.ndarray, y_score: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """P(score of a pneumonia image > score of a normal one) + half the ties, each image counted by its
+    weight: the Mann-Whitney form of AUROC (sklearn's roc_auc_score with sample_weight), by ranks."""
+    pos, neg = y_true == 1, y_true == 0
+    wp, wn = np.ascontiguousarray(w[:, pos].T), w[:, neg].T  # (n_pos, B), (n_neg, B): rows gather fast
+    with np.errstate(invalid="ignore", divide="ignore"):
+        total = wp.sum(0) * wn.sum(0)
+        out = np.empty((w.shape[0], y_score.shape[0]))
+        for s, score in enumerate(y_score):
+            order = np.argsort(score[neg], kind="stable")
+            neg_sorted = score[neg][order]
+            cum = np.zeros((order.size + 1, w.shape[0]))  # cum[k]: weight of the k lowest-scored normals
+            np.cumsum(wn[order], axis=0, out=cum[1:])
+            left = np.searchsorted(neg_sorted, score[pos], "left")  # normals scored below each pneumonia image
+            right = np.searchsorted(neg_sorted, score[pos], "right")  # ... below or tied
+            out[:, s] = 0.5 * np.einsum("pb,pb->b", cum[left] + cum[right], wp) / total
+    return out
+
+
+# name -> (the predictions it reads, the metric of weighted samples)
+BOOT_METRICS = {"accuracy": ("y_pred", _weighted_accuracy),
+                "balanced_accuracy": ("y_pred", _weighted_balanced_accuracy),
+                "auroc": ("y_score", _weighted_auroc)}
+_CHUNK = 1 << 22  # resampled image counts held at once (B x N entries), so a large test set stays in memory
+
+
+def paired_bootstrap_metrics(y_true, a: dict, b: dict, metrics=tuple(BOOT_METRICS), *, n_boot: int = 2000,
+                             seed: int = 0, confidence: float = 0.95) -> dict[str, dict]:
+    """Differences A - B of several metrics over paired runs, with bootstrap intervals and p-values.
+
+    a, b: {"y_pred": (S, N), "y_score": (S, N)} of S runs each (what the metrics read), row s of A paired
+    with row s of B (same seed), all on the same N test images with labels y_true. The resampling is
+    `paired_bootstrap`'s scheme: each of n_boot resamples draws N images (the same for every seed) and S
+    seed pairs with replacement; a metric is computed per run on the resampled images (each image counted
+    as often as drawn), and the difference is the seed-count-weighted mean of the runs' differences. Every
+    metric uses the same resamples. For accuracy this is `paired_bootstrap`'s statistic, on other draws.
+    Returns {metric: {"diff" (observed: the mean over seeds of A's metric minus B's), "ci_low",
+    "ci_high", "p_value", "n_boot" (resamples where the metric is defined for every drawn run),
+    "n_seeds", "n_images"}}; the p-value as in `paired_bootstrap`. A metric undefined on the data itself
+    (AUROC of one class) gives None for diff, interval and p-value.
+    """
+    y = np.asarray(y_true)
+    arrays = {}
+    for key in {BOOT_METRICS[m][0] for m in metrics}:
+        xa, xb = (np.atleast_2d(np.asarray(side[key])) for side in (a, b))
+        if xa.shape != xb.shape or xa.shape[-1:] != y.shape or y.ndim != 1 or y.size == 0:
+            raise ValueError(f"paired_bootstrap_metrics: {key} of A has shape {xa.shape}, of B {xb.shape}, "
+                             f"y_true {y.shape}")
+        arrays[key] = (xa, xb)
+    s, n = next(iter(arrays.values()))[0].shape
+    ones = np.ones((1, n))
+    observed = {m: (BOOT_METRICS[m][1](y, arrays[BOOT_METRICS[m][0]][0], ones)
+                    - BOOT_METRICS[m][1](y, arrays[BOOT_METRICS[m][0]][1], ones))[0] for m in metrics}
+    rng = np.random.default_rng(seed)
+    boots: dict[str, list] = {m: [] for m in metrics}
+    step = max(1, _CHUNK // n)
+    for start in range(0, n_boot, step):
+        size = min(step, n_boot - start)
+        # N images drawn with replacement, as counts per image (B, N): paired_bootstrap's multinomial counts,
+        # drawn as uniform indices and counted (several times faster than Generator.multinomial)
+        drawn = rng.integers(0, n, (size, n)) + n * np.arange(size)[:, None]
+        w = np.bincount(drawn.ravel(), minlength=size * n).reshape(size, n).astype(np.float64)
+        seed_counts = rng.multinomial(s, np.full(s, 1 / s), size=size)  # (B, S)
+        for m in metrics:
+            key, fn = BOOT_METRICS[m]
+            d = fn(y, arrays[key][0], w) - fn(y, arrays[key][1], w)  # (B, S)
+            d = np.where(seed_counts > 0, d, 0.0)  # a seed not drawn does not count, even where undefined
+            boots[m].append(np.einsum("bs,bs->b", seed_counts, d) / s)
+    alpha = 1 - confidence
+    out = {}
+    for m in metrics:
+        boot = np.concatenate(boots[m])
+        boot = np.round(boot[np.isfinite(boot)], 12)  # equal metrics differ by float rounding only: count as 0
+        if not np.all(np.isfinite(observed[m])) or boot.size == 0:
+            out[m] = {"diff": None, "ci_low": None, "ci_high": None, "p_value": None, "n_boot": 0,
+                      "n_seeds": s, "n_images": n}
+            continue
+        low, high = np.quantile(boot, [alpha / 2, 1 - alpha / 2])
+        share_le = (np.sum(boot <= 0) + 1) / (boot.size + 1)
+        share_ge = (np.sum(boot >= 0) + 1) / (boot.size + 1)
+        out[m] = {"diff": float(observed[m].mean()), "ci_low": float(low), "ci_high": float(high),
+                  "p_value": float(min(1.0, 2 * min(share_le, share_ge))), "n_boot": int(boot.size),
+                  "n_seeds": s, "n_images": n}
+    return out
 
 
 def holm(p_values) -> list[float]:

@@ -9,7 +9,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "architecture.md"
-STACK = [{"cli"}, {"cluster", "jobs"}, {"sweep", "relay"}, {"unit"}, {"engine"}, {"kernels", "graphs"}]  # top to bottom
+STACK = [{"cli"}, {"cluster", "jobs", "compare"}, {"sweep", "relay"}, {"unit"}, {"engine"},  # top to bottom
+         {"kernels", "graphs"}]
 
 
 def _modules() -> dict[str, Path]:
@@ -60,6 +61,15 @@ def test_the_engine_stack_imports_only_downwards():
         for d in deps:
             if d in rank:
                 assert m in rank and rank[m] < rank[d], f"cxr.{m} imports cxr.{d}, which is not below it"
+
+
+def test_robustness_is_a_foundation():
+    """cxr.robustness scores stored runs from below the engine's stack (cxr-bench's commands and the report both
+    import it, so it is not in STACK), and cxr.corruptions needs nothing of cxr but its errors (the reference
+    script imports it beside medmnistc, without torch)."""
+    graph = _graph()
+    assert not graph["robustness"] & set().union(*STACK)
+    assert graph["corruptions"] <= {"errors"}
 
 
 def test_no_import_cycle():

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from cxr.stats import holm, mcnemar, mean_std_ci, paired_bootstrap
+from cxr.stats import holm, mcnemar, mean_std_ci, paired_bootstrap, paired_bootstrap_metrics
 
 
 def test_mean_std_ci_known_values():
@@ -124,3 +124,69 @@ def test_holm_hand_values():
     assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert holm([0.2]) == [0.2]
     assert holm([0.6, 0.7]) == [1.0, 1.0]
+
+
+# ---- paired_bootstrap_metrics: the general bootstrap behind `cxr-bench compare`
+
+def _runs(rng, y, s=3, ties=False):
+    score = rng.random((s, y.size))
+    if ties:  # scores on a coarse grid: many ties, within and across classes
+        score = np.round(score, 1)
+    return {"y_score": score, "y_pred": (score > 0.5).astype(int)}
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_weighted_metrics_match_sklearn_with_sample_weights(ties):
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, roc_auc_score
+
+    from cxr.stats import BOOT_METRICS
+
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 150)
+    runs = _runs(rng, y, ties=ties)
+    w = rng.integers(0, 4, (5, y.size)).astype(float)  # image counts of 5 resamples
+    reference = {"accuracy": accuracy_score, "balanced_accuracy": balanced_accuracy_score, "auroc": roc_auc_score}
+    for name, (key, fn) in BOOT_METRICS.items():
+        got = fn(y, runs[key], w)
+        assert got.shape == (5, 3)
+        for b in range(5):
+            for s in range(3):
+                assert got[b, s] == pytest.approx(reference[name](y, runs[key][s], sample_weight=w[b]), abs=1e-12)
+
+
+def test_paired_bootstrap_metrics_accuracy_is_the_reports_statistic():
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 400)
+    a, b = _runs(rng, y), _runs(rng, y)
+    a["y_pred"][:, :40] = y[:40]  # A right on 40 more images
+    new = paired_bootstrap_metrics(y, a, b, n_boot=4000, seed=1)["accuracy"]
+    old = paired_bootstrap(y, a["y_pred"], b["y_pred"], n_boot=4000, seed=1)
+    assert new["diff"] == pytest.approx(old["diff"], abs=1e-12)
+    # the same resampling scheme on other draws: the intervals agree to the resampling noise
+    assert new["ci_low"] == pytest.approx(old["ci_low"], abs=0.006)
+    assert new["ci_high"] == pytest.approx(old["ci_high"], abs=0.006)
+    assert (new["n_seeds"], new["n_images"], new["n_boot"]) == (3, 400, 4000)
+
+
+def test_paired_bootstrap_metrics_of_identical_and_opposite_runs():
+    rng = np.random.default_rng(5)
+    y = np.array([0, 1] * 60)
+    a = _runs(rng, y)
+    same = paired_bootstrap_metrics(y, a, a, n_boot=300)
+    for r in same.values():
+        assert (r["diff"], r["ci_low"], r["ci_high"], r["p_value"]) == (0.0, 0.0, 0.0, 1.0)
+    right = {"y_pred": np.tile(y, (3, 1)), "y_score": np.tile(0.2 + 0.6 * y, (3, 1))}
+    wrong = {"y_pred": 1 - right["y_pred"], "y_score": 1 - right["y_score"]}
+    r = paired_bootstrap_metrics(y, right, wrong, n_boot=999)
+    assert r["accuracy"]["diff"] == r["balanced_accuracy"]["diff"] == r["auroc"]["diff"] == 1.0
+    assert r["auroc"]["p_value"] == pytest.approx(2 / 1000)  # no resample <= 0
+
+
+def test_paired_bootstrap_metrics_undefined_and_mismatched():
+    y = np.ones(20, dtype=int)  # one class: balanced accuracy and AUROC are undefined
+    a = {"y_pred": np.ones((2, 20), int), "y_score": np.full((2, 20), 0.9)}
+    r = paired_bootstrap_metrics(y, a, {**a, "y_pred": np.zeros((2, 20), int)}, n_boot=50)
+    assert r["accuracy"]["diff"] == 1.0
+    assert r["balanced_accuracy"]["diff"] is None and r["auroc"]["p_value"] is None
+    with pytest.raises(ValueError, match="paired_bootstrap_metrics: y_pred of A has shape"):
+        paired_bootstrap_metrics(y, a, {"y_pred": np.ones((3, 20), int), "y_score": np.ones((3, 20))}, ["accuracy"])

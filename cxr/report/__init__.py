@@ -19,6 +19,7 @@ report and figures are replaced atomically.
     files      reading the result files (skipping unreadable ones and records the report cannot use:
                why_unusable), atomic writes with the user's mode
     template   the Jinja environment, the context, the sections, render()
+    history    the section of `--history` (a cxr.history file): each setting across commits, flagged points
 
 The report knows no course: section headings are the spec files' titles (spec.title) and the grid
 it expects is the spec file's (spec.grid).

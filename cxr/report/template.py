@@ -21,6 +21,7 @@ from cxr.record import RunRecord
 from cxr.report.figures import with_figures
 from cxr.report.files import load, write_text
 from cxr.report.format import FILTERS
+from cxr.report.history import section as history_section
 from cxr.report.info import run_info, run_rows
 from cxr.report.model import BOOT_SEED, N_BOOT, Comparison, ReportError, comparisons
 from cxr.report.timings import benchmarks
@@ -104,10 +105,12 @@ def sections(comps: list[Comparison], wanted: list[Expected]) -> tuple[list[Sect
 
 def context(results: list[RunRecord], benchmark_json: str | Path | None = None, *,
             specs: Sequence[str | Path] | None = None, fig_dir: Path | None = None,
-            skipped: Sequence[str] = ()) -> dict:
+            skipped: Sequence[str] = (), history: str | Path | None = None) -> dict:
     """Everything the template shows; with fig_dir, the comparisons' figures drawn there. skipped: one
-    line per result file that could not be read ("`runs/<id>/seed-<n>.json`: <problem>")."""
+    line per result file that could not be read ("`runs/<id>/seed-<n>.json`: <problem>"). history: a
+    history.jsonl (cxr.history) whose section is added (cxr.report.history)."""
     bench = benchmarks(benchmark_json) if benchmark_json else None
+    past = history_section(history, fig_dir) if history is not None else None
     wanted = expected(specs)
     comps = comparisons(results)
     if fig_dir is not None:
@@ -121,12 +124,13 @@ def context(results: list[RunRecord], benchmark_json: str | Path | None = None, 
         "sections": titled, "others": others,
         "runs": run_rows([c for s in titled for c in s.comparisons] + others),
         "benchmarks": bench, "n_boot": N_BOOT, "boot_seed": BOOT_SEED, "skipped": list(skipped),
+        "history": past,
     }
 
 
 def render(results_dir: str | Path = "results", out: str | Path | None = None,
            benchmark_json: str | Path | None = None, *, figures: bool = True,
-           specs: Sequence[str | Path] | None = None) -> Path:
+           specs: Sequence[str | Path] | None = None, history: str | Path | None = None) -> Path:
     """Write the report of every run under results_dir/runs to `out` (default results_dir/report.md),
     its figures to <out dir>/figures/*.png; returns the report's path. Each file is replaced whole
     (temp file, then rename) with the permissions of a plain open(path, "w"): a render that fails midway
@@ -136,7 +140,9 @@ def render(results_dir: str | Path = "results", out: str | Path | None = None,
 
     specs: spec files or directories whose titled experiments are expected: one with no results is
     listed as not run. None: expect nothing beyond what the results show. A spec file that cannot be
-    read raises cxr.spec.SpecError (a CxrError naming the file).
+    read raises cxr.spec.SpecError (a CxrError naming the file). history: a history file (cxr-bench history)
+    whose section, one figure per setting across commits, is added; one that cannot be read raises
+    cxr.history.HistoryError.
     """
     results_dir = Path(results_dir)
     if not results_dir.is_dir():
@@ -144,6 +150,6 @@ def render(results_dir: str | Path = "results", out: str | Path | None = None,
     out = Path(out) if out is not None else results_dir / "report.md"
     records, skipped = load(results_dir)
     ctx = context(records, benchmark_json, specs=specs, fig_dir=out.parent / "figures" if figures else None,
-                  skipped=skipped)
+                  skipped=skipped, history=history)
     write_text(out, environment().get_template("report.md.j2").render(**ctx))
     return out
