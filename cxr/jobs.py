@@ -87,4 +87,6 @@ def run_in_jobs(units: Sequence[Sequence[ExperimentSpec]], out: str | Path, jobs
                 found[s.run_id] = r
                 if on_result is not None:
                     on_result(s, r)
+        pool.close()  # every piece done: let the workers exit (leaving the block on an error terminates them)
+        pool.join()
     return [found[s.run_id] for u in units for s in u]
