@@ -99,6 +99,15 @@ def cmd_run(args) -> int:
     failed, busy = counts["failed"], counts["busy"]
     others = f"; {busy} being trained by another process" if busy else ""
     print(f"done in {time.perf_counter() - t0:.1f}s; {failed} failed{others}. Report: cxr-bench report {args.out}")
+    if args.robustness:  # every ok run of this selection on the corrupted test splits (cxr.robustness)
+        from cxr import robustness
+
+        chosen = {(s.id, s.seed) for s in specs}
+        stored = [r for r in results.load_all(args.out, []) if r.ok and (r.id, r.seed) in chosen]
+        t_scoring = time.perf_counter()
+        if _robustness_lines(robustness.score_runs(args.out, stored, args.device if not args.ray else "auto"),
+                             t_scoring):
+            return 1
     return 1 if failed else 0
 
 
@@ -168,6 +177,27 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_robustness(args) -> int:
+    from cxr import robustness
+
+    if not Path(args.results).is_dir():
+        raise CxrError(f"{args.results}: no such results directory")
+    t0 = time.perf_counter()
+    done = robustness.score_store(args.results, args.k, args.device, progress=lambda line: print(line, flush=True))
+    return _robustness_lines(done, t0)
+
+
+def _robustness_lines(done, t0: float) -> int:
+    """Print each run's robustness outcome and the totals; 1 when a run could not be scored."""
+    counts: dict[str, int] = {}
+    for _, outcome in done:
+        counts[outcome.status] = counts.get(outcome.status, 0) + 1
+        print(outcome.line, flush=True)
+    text = ", ".join(f"{n} {status}" for status, n in counts.items()) or "no runs"
+    print(f"robustness: {text} in {time.perf_counter() - t0:.1f}s")
+    return 1 if counts.get("failed") else 0
+
+
 def cmd_compare(args) -> int:
     from cxr import compare, gate, results
 
@@ -220,6 +250,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "batched model, cxr.engine; a spec's `fuse = false` keeps its runs alone)")
     sp.add_argument("--shard", metavar="I/N", help="run only the I-th of N deterministic slices (0 <= I < N) of the "
                                                   "selected runs, e.g. $SLURM_ARRAY_TASK_ID/4, into a shared --out")
+    sp.add_argument("--robustness", action="store_true",
+                    help="then score the selected runs on MedMNIST-C's corrupted test splits (cxr-bench robustness)")
     sp.add_argument("--jobs", type=int, metavar="N",
                     help="train N units side by side in worker processes, each with 1/N of the torch threads "
                          "(cxr.jobs; for a machine with more cores than one training uses; default 1)")
@@ -273,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--history", metavar="FILE", help="a history file (cxr-bench history) whose section, each "
                     "setting across commits, is added")
     sp.set_defaults(func=cmd_report)
+
+    sp = sub.add_parser("robustness", help="score stored runs on MedMNIST-C's 13 corruptions x 5 severities of their "
+                        "test split (seed-<n>.robustness.json beside each record; the report shows them)")
+    sp.add_argument("results", nargs="?", default="results", help="results directory (default: results)")
+    sp.add_argument("-k", metavar="EXPR", help="select run ids like pytest -k")
+    sp.add_argument("--device", default="auto", choices=DEVICES)
+    sp.set_defaults(func=cmd_robustness)
 
     from cxr.gate import Gate
 

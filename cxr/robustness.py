@@ -41,7 +41,7 @@ from cxr import __version__, results, selection
 from cxr import corruptions as corr
 from cxr import data as data_mod
 from cxr.decision import PLAIN, Decision
-from cxr.env import now, resolve_device
+from cxr.env import now, provenance, resolve_device
 from cxr.errors import CxrError, one_line
 from cxr.evaluate import evaluate_split, load_state_dict
 from cxr.models import infer_model
@@ -346,7 +346,7 @@ def _score_group(out: Path, source: str, size: int, group: list, dev: torch.devi
             "decision": rec.decision, "baseline": {"name": BASELINE_NAME, "clean_balanced_error": BASELINE_CLEAN,
                                                    "balanced_error": BASELINE},
             "clean": rows[key]["clean"], "corruption_scores": per, "summary": summary,
-            "environment": {"device": str(dev), "seconds": round(seconds, 3), "version": __version__,
+            "environment": {"device": str(dev), "seconds": round(seconds, 3), **provenance(), "version": __version__,
                             "scored_at": now()},
         }
         try:

@@ -8,14 +8,15 @@
 #
 # The quick suite: `cxr-bench run --epochs 1 --seeds 2` over specs/ (CXR_QUICK_ARGS replaces those options;
 # the options after REF are added, for both sides). REF's suite runs REF's code on REF's specs/; the working
-# tree's runs its own. CXR_COMPARE_ARGS adds options to `cxr-bench compare` (e.g. "--factor 2.5" on a shared
-# CPU, whose throughput moves by 2x between back-to-back runs). Stores and the table go to CXR_COMPARE_DIR
-# (default: a new directory under /tmp): base/, new/ and compare.md. Exit status: compare's (0 no regression,
-# 1 a regression, 2 bad input), or 2 when REF is not a commit or a suite could not run at all.
+# tree's runs its own. CXR_COMPARE_ARGS adds options to `cxr-bench compare` (default "--factor 2.5" without a
+# CUDA GPU: a shared CPU's throughput moves 2x between back-to-back runs; set it empty for compare's 1.25).
+# Stores and the table go to CXR_COMPARE_DIR (default: a new directory under /tmp): base/, new/ and compare.md.
+# Exit status: compare's (0 no regression, 1 a regression, 2 bad input), or 2 when REF is not a commit or a
+# suite could not run at all.
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-    sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'
     [ $# -ge 1 ] && exit 0 || exit 2
 fi
 ref=$1
@@ -31,8 +32,15 @@ mkdir -p "$work"
 work=$(cd "$work" && pwd)
 tree="$work/ref-$sha"
 read -r -a quick <<< "${CXR_QUICK_ARGS:---epochs 1 --seeds 2}"
-read -r -a gate <<< "${CXR_COMPARE_ARGS:-}"
 python=${PYTHON:-python3}
+if [ -z "${CXR_COMPARE_ARGS+set}" ] && ! "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
+        2>/dev/null; then
+    # No GPU: one-epoch runs on a shared CPU moved 0.65x to 2.18x in throughput between back-to-back runs of the
+    # same code (2-core machine of this repository), so the default --factor 1.25 would report the load.
+    CXR_COMPARE_ARGS="--factor 2.5"
+    echo "compare-ref: no CUDA GPU here: throughput gate at --factor 2.5 (set CXR_COMPARE_ARGS to change it)" >&2
+fi
+read -r -a gate <<< "${CXR_COMPARE_ARGS:-}"
 
 cleanup() { git worktree remove --force "$tree" >/dev/null 2>&1 || true; }
 trap cleanup EXIT

@@ -301,3 +301,45 @@ def test_paired_t_over_seeds():
     assert (t["t"], t["p_value"]) == pytest.approx((want.statistic, want.pvalue))
     assert paired_t({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})["p_value"] == 1.0  # the same models
     assert paired_t({0: 1.0}, {0: 2.0}) is None
+
+
+# ------------------------------------------------------------------------------ the command and the report
+
+def test_the_command_reuses_stored_scores_and_says_so_per_run(copy, capsys, evaluations):
+    assert cli.main(["robustness", str(copy), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert sum("reused (mCE " in line for line in out) == 2 and out[-1].startswith("robustness: 2 reused in ")
+    assert evaluations == []
+    assert cli.main(["robustness", str(copy), "-k", "bce", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("robustness: 1 reused in ")
+
+
+def test_the_command_refuses_a_missing_directory_in_one_line(tmp_path, capsys):
+    assert cli.main(["robustness", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "nowhere: no such results directory" in err
+
+
+def test_run_with_robustness_scores_what_it_trained(tmp_path, capsys):
+    npz = learnable_npz(tmp_path / "data.npz")
+    out = tmp_path / "store"
+    assert cli.main(["run", str(ROOT / "specs" / "task-a-loss.toml"), "-k", "ce", "--data", f"npz:{npz}",
+                     "--epochs", "1", "--seeds", "1", "--out", str(out), "--device", "cpu", "--robustness"]) == 0
+    assert capsys.readouterr().out.splitlines()[-1].startswith("robustness: 1 scored in ")
+    (score,) = out.glob("runs/*/seed-0.robustness.json")
+    assert rb.read(score)["summary"]["mce"] > 0
+
+
+def test_the_report_shows_the_robustness_section_with_its_figures_only_where_scores_are(copy):
+    from cxr import report
+
+    path = report.render(copy, specs=[])
+    text = path.read_text()
+    assert text.count("#### Robustness under acquisition shift") == 1
+    section = text.split("#### Robustness under acquisition shift")[1].split("\n#### ")[0]
+    assert "| BCE |" in section and "| CE |" in section and "mCE" in section and "at 28 px" in section
+    pngs = [line.split("](")[1].rstrip(")") for line in section.splitlines() if line.startswith("![")]
+    assert len(pngs) == 2 and all((copy / p).stat().st_size > 5000 for p in pngs)
+    for f in copy.glob("runs/*/seed-*.robustness.json"):
+        f.unlink()
+    assert "Robustness under acquisition shift" not in report.render(copy, specs=[]).read_text()

@@ -64,6 +64,11 @@ def pts(x, digits: int = 2) -> str:
     return "n/a" if x is None else f"{100 * x:+.{digits}f}".replace("-", "−")
 
 
+def signed(x, digits: int = 3) -> str:
+    """A signed difference with a true minus sign: -0.064 -> "−0.064"."""
+    return "n/a" if x is None else f"{x:+.{digits}f}".replace("-", "−")
+
+
 def pt(x: float) -> str:
     """Unsigned-when-positive percentage points for ranges: 0.004 -> "0.40", -0.002 -> "−0.20"."""
     s = pts(x)
@@ -142,4 +147,4 @@ def setting_label(sweep: tuple[str, ...], values: tuple) -> str:
 
 FILTERS = {"pct": pct, "num": num, "pct_ms": pct_ms, "pct_ci": pct_ci, "num_ms": num_ms, "num_ci": num_ci,
            "pval": pval, "pts": pts, "secs": secs, "rate": rate, "duration": duration, "cell": cell,
-           "capfirst": capfirst, "plural": plural}
+           "capfirst": capfirst, "signed": signed, "plural": plural}

@@ -24,6 +24,8 @@ from cxr.report.format import FILTERS
 from cxr.report.history import section as history_section
 from cxr.report.info import run_info, run_rows
 from cxr.report.model import BOOT_SEED, N_BOOT, Comparison, ReportError, comparisons
+from cxr.report.robustness import scores as robustness_scores
+from cxr.report.robustness import section as robustness_section
 from cxr.report.timings import benchmarks
 
 
@@ -105,10 +107,12 @@ def sections(comps: list[Comparison], wanted: list[Expected]) -> tuple[list[Sect
 
 def context(results: list[RunRecord], benchmark_json: str | Path | None = None, *,
             specs: Sequence[str | Path] | None = None, fig_dir: Path | None = None,
-            skipped: Sequence[str] = (), history: str | Path | None = None) -> dict:
+            skipped: Sequence[str] = (), history: str | Path | None = None,
+            results_dir: str | Path | None = None) -> dict:
     """Everything the template shows; with fig_dir, the comparisons' figures drawn there. skipped: one
     line per result file that could not be read ("`runs/<id>/seed-<n>.json`: <problem>"). history: a
-    history.jsonl (cxr.history) whose section is added (cxr.report.history)."""
+    history.jsonl (cxr.history) whose section is added (cxr.report.history). results_dir: where the records
+    are, for their robustness scores (cxr.report.robustness; a comparison with scores gets that section)."""
     bench = benchmarks(benchmark_json) if benchmark_json else None
     past = history_section(history, fig_dir) if history is not None else None
     wanted = expected(specs)
@@ -117,6 +121,8 @@ def context(results: list[RunRecord], benchmark_json: str | Path | None = None, 
         fig_dir.mkdir(parents=True, exist_ok=True)
         comps = [with_figures(c, fig_dir) for c in comps]
     titled, others = sections(comps, wanted)
+    scored = robustness_scores(results_dir, results) if results_dir is not None else {}
+    shift = {c.slug: sec for c in comps if scored and (sec := robustness_section(c, scored, fig_dir))}
     info = run_info(results)
     return {
         "n_results": len(results), "info": info["rows"], "datasets": info["datasets"],
@@ -124,7 +130,7 @@ def context(results: list[RunRecord], benchmark_json: str | Path | None = None, 
         "sections": titled, "others": others,
         "runs": run_rows([c for s in titled for c in s.comparisons] + others),
         "benchmarks": bench, "n_boot": N_BOOT, "boot_seed": BOOT_SEED, "skipped": list(skipped),
-        "history": past,
+        "history": past, "robustness": shift,
     }
 
 
@@ -150,6 +156,6 @@ def render(results_dir: str | Path = "results", out: str | Path | None = None,
     out = Path(out) if out is not None else results_dir / "report.md"
     records, skipped = load(results_dir)
     ctx = context(records, benchmark_json, specs=specs, fig_dir=out.parent / "figures" if figures else None,
-                  skipped=skipped, history=history)
+                  skipped=skipped, history=history, results_dir=results_dir)
     write_text(out, environment().get_template("report.md.j2").render(**ctx))
     return out
