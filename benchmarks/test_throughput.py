@@ -40,9 +40,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from cxr import data as data_mod
 from cxr import graphs
 from cxr.engine import fit
-from cxr.env import cpu_text, device_name, synchronize
+from cxr.env import cpu_text, device_name, resolve_precision, synchronize
 from cxr.evaluate import predict_logits
-from cxr.kernels import KERNELS
+from cxr.kernels import KERNELS, default_kernel
 from cxr.models import build_model, count_flops
 from cxr.spec import ExperimentSpec
 
@@ -377,7 +377,7 @@ def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidt
     benchmark.pedantic(one_round, rounds=rounds, iterations=1)
     best = {k: max(v) for k, v in rates.items()}
     epoch_graph = None  # on CUDA: the default kernel with a whole epoch per graph replay (CXR_GRAPH_STEPS=epoch)
-    default = "grouped" if device.type == "cuda" else "loop"
+    default = default_kernel(device, specs[0])  # what cxr-bench run would train this group with
     if device.type == "cuda":
         with monkeypatch.context() as env:
             env.setenv(graphs.STEPS_ENV, "epoch")
@@ -388,7 +388,7 @@ def test_fused_throughput(members, batch_size, benchmark, cxr_settings, bandwidt
         course_train_epoch(model, _loader(warm.train, batch_size, True), optimizer, device)
         loader = _loader(train, batch_size, True)
         course = best_rate(lambda: course_train_epoch(model, loader, optimizer, device), device)
-    element = 2 if device.type == "cuda" else 4  # bf16 autocast on CUDA, float32 on the CPU
+    element = 2 if resolve_precision(specs[0].precision, device) == "bf16" else 4  # bf16 autocast, or float32
     per_image = STREAMS_PER_TRAINING_IMAGE * activation_bytes(IMAGE_SIZE, element)
     roofline = bandwidth / per_image
     # The same ratio round by round: sequential and the group ran side by side in each round, so a slow

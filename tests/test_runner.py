@@ -277,15 +277,19 @@ def test_fused_throughput_reports_each_kernel_against_sequential(pytester, tmp_p
                                            "--benchmark-json", tmp_path / "f.json", timeout=120)
     result.assert_outcomes(passed=1, deselected=11)
     result.stdout.fnmatch_lines(["*cxr-bench fused training: a group at once (cxr.engine) vs its runs one after*",
-                                 "*64 images per member and pass*default kernel loop",
+                                 "*64 images per member and pass*'default': the kernel cxr-bench run picks*",
                                  "memory roofline: * GB/s measured / * bytes per training image*",
-                                 "      3    32 * *x *x *x *x *%",
+                                 "      3    32 * *x *x *x * *x *%",
                                  "default kernel / sequential, round by round*5 rounds*",
                                  "      3    32  *x [[]*, *]"])  # [[] : a literal [ in fnmatch
     (row,) = [b["extra_info"] for b in json.loads((tmp_path / "f.json").read_text())["benchmarks"]]
     assert row["members"] == 3 and row["batch_size"] == 32 and row["images_per_member"] == 64
     assert row["loop_vs_sequential"] == pytest.approx(row["loop_ips"] / row["sequential_ips"], rel=1e-2)
-    assert row["fused_vs_sequential"] == row["loop_vs_sequential"]  # the CPU's default kernel
+    from cxr.kernels import default_kernel
+    from cxr.spec import ExperimentSpec
+
+    assert row["default_kernel"] == default_kernel(torch.device("cpu"), ExperimentSpec(name="f", batch_size=32))
+    assert row["fused_vs_sequential"] == row[f"{row['default_kernel']}_vs_sequential"]  # what cxr-bench run picks
     assert row["grouped_ips"] > 0 and row["course_ips"] > 0 and 0 < row["roofline_fraction"] < 1
     assert row["vmap_vs_sequential"] == pytest.approx(row["vmap_ips"] / row["sequential_ips"], rel=1e-2)
     assert row["rounds"] == 5
