@@ -42,8 +42,22 @@ def synchronize(device: torch.device) -> None:
 
 
 def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model and core count ("Intel(R) Xeon(R) Processor, 2 cores"): what
+    `cxr-bench compare` requires to be equal before it compares throughput."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
+    return f"{cpu_model()}, {os.cpu_count()} cores"
+
+
+def cpu_model() -> str:
+    """/proc/cpuinfo's model name where there is one (Linux), else what the platform says."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return " ".join(line.partition(":")[2].split()) or platform.machine()
+    except OSError:
+        pass
     return platform.processor() or platform.machine()
 
 

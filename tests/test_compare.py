@@ -337,3 +337,14 @@ def test_the_gates_holm_family_is_every_setting_and_metric():
     # 6 tests: 0.001 x 6, 5, 4 -> 0.006; then 0.02 x 3 = 0.06 (and x 2, x 1, held up to 0.06 by the step-down)
     assert [t["p_adjusted"]["accuracy"] for t in judged] == pytest.approx([0.006, 0.06])
     assert [t["verdict"] for t in judged] == ["regression", "no change"]
+
+
+def test_a_cpu_device_name_names_its_model_and_cores_so_that_two_cpus_do_not_compare_throughput():
+    import os
+
+    import torch
+
+    from cxr import env
+
+    name = env.device_name(torch.device("cpu"))
+    assert name == f"{env.cpu_model()}, {os.cpu_count()} cores" and env.cpu_model().strip()
