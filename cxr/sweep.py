@@ -141,7 +141,8 @@ def conflict(out: str | Path, spec: ExperimentSpec, ident: str, old: RunRecord |
 def store(out: str | Path, spec: ExperimentSpec, trained: Trained, previous: RunRecord | None) -> RunRecord:
     """Write a trained run into the store, under the caller's claim; `previous` is what the store held
     before training. A failed or diverged attempt never replaces a stored ok result: it is written beside
-    it (seed-<n>.attempt.json) and returned. The run's checkpoint goes once its result is written."""
+    it (seed-<n>.attempt.json) and returned. The run's checkpoint goes once its result is written, unless
+    the run failed: the next attempt resumes from its last complete epoch."""
     rec = trained.record
     if trained.state is not None:
         try:
@@ -157,7 +158,8 @@ def store(out: str | Path, spec: ExperimentSpec, trained: Trained, previous: Run
         rec = dataclasses.replace(rec, error=f"{rec.error}; the stored {previous.status} result is kept, this "
                                              f"attempt is in {kept.name}")
         results.write(out, rec, kept)
-    delete_checkpoint(out, spec)
+    if rec.status != record.FAILED:  # a failed run is retried by the next cxr-bench run: it resumes from there
+        delete_checkpoint(out, spec)
     return rec
 
 

@@ -280,3 +280,24 @@ def test_sigkill_at_a_random_epoch_then_resume_equals_an_uninterrupted_run(tmp_p
         assert "resumed_after_epoch" not in a["timing"]
         assert b["timing"]["resumed_after_epoch"] == killed[path.parent.name[0]], killed
     assert not list(out.rglob("*.checkpoint.pt"))
+
+
+def test_a_failed_run_keeps_its_checkpoint_and_the_next_run_resumes_from_it(tiny_data, tmp_path, monkeypatch):
+    real = engine._save
+
+    def save_then_fail(active, checkpoints):
+        real(active, checkpoints)
+        if active[0].epochs_done == 2:
+            raise RuntimeError("a transient fault after epoch 2")
+
+    monkeypatch.setattr(engine, "_save", save_then_fail)
+    failed = sweep.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
+    assert failed.status == "failed" and "transient fault" in failed.error
+    assert results.checkpoint_path(tmp_path, SPEC).is_file()
+    monkeypatch.setattr(engine, "_save", real)
+    rec = sweep.run(SPEC, tmp_path, "cpu", data=tiny_data, progress=False)
+    assert rec.ok and rec.timing["resumed_after_epoch"] == 2
+    assert not results.checkpoint_path(tmp_path, SPEC).exists()
+    fresh = sweep.run(SPEC, tmp_path / "fresh", "cpu", data=tiny_data, progress=False)
+    assert [dict(r, seconds=0) for r in rec.history] == [dict(r, seconds=0) for r in fresh.history]
+    assert rec.metrics == fresh.metrics
