@@ -169,21 +169,34 @@ def identity(spec_hash: str, data_fingerprint: dict[str, str], training_version:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def schema() -> dict:
-    """The JSON Schema of the current version (a copy)."""
-    return json.loads(_schema_text())
+SCHEMA_FILE = "run-record.schema.json"
+
+
+def schema(name: str = SCHEMA_FILE) -> dict:
+    """A JSON Schema shipped in cxr/schema/ (a copy): by default the run record's current version."""
+    return json.loads(_schema_text(name))
 
 
 @functools.cache
-def _schema_text() -> str:
-    return resources.files("cxr").joinpath("schema", "run-record.schema.json").read_text(encoding="utf-8")
+def _schema_text(name: str) -> str:
+    return resources.files("cxr").joinpath("schema", name).read_text(encoding="utf-8")
 
 
 @functools.cache
-def _validator():
+def _validator(name: str):
     import jsonschema
 
-    return jsonschema.Draft202012Validator(schema())
+    return jsonschema.Draft202012Validator(schema(name))
+
+
+def schema_error(obj: Any, name: str = SCHEMA_FILE):
+    """(where in obj, the error) of obj's most relevant violation of the schema `name`, or None."""
+    from jsonschema.exceptions import best_match
+
+    error = best_match(_validator(name).iter_errors(obj))
+    if error is None:
+        return None
+    return "/".join(map(str, error.absolute_path)) or "(top level)", error
 
 
 def upgrade(obj: dict) -> dict:
@@ -204,11 +217,9 @@ def from_dict(obj: Any, where: str = "<record>") -> RunRecord:
         raise RecordError(f"{where}: not a cxr-bench run record (schema_version {got!r}; this version reads "
                           f"{' and '.join(map(str, READABLE_VERSIONS))})")
     obj = upgrade(obj)
-    from jsonschema.exceptions import best_match
-
-    error = best_match(_validator().iter_errors(obj))
-    if error is not None:
-        at = "/".join(map(str, error.absolute_path)) or "(top level)"
+    found = schema_error(obj)
+    if found is not None:
+        at, error = found
         why = error.message if len(error.message) <= 160 else \
             f"the value does not satisfy {error.validator} {json.dumps(error.validator_value)[:80]}"
         raise RecordError(f"{where}: {at}: {why}")

@@ -25,13 +25,11 @@ evaluated after the same 8-bit quantisation as the corrupted ones (a no-op for 8
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +43,8 @@ from cxr.env import now, provenance, resolve_device
 from cxr.errors import CxrError, one_line
 from cxr.evaluate import evaluate_split, load_state_dict
 from cxr.models import infer_model
-from cxr.record import OK, RecordError, RunRecord
+from cxr.record import OK, RecordError, RunRecord, schema_error
+from cxr.record import schema as record_schema
 from cxr.spec import from_dict as spec_from_dict
 
 SCHEMA_VERSION = 1
@@ -130,29 +129,18 @@ def identity(run_identity: str, weights_hash: str, test_fingerprint: str) -> str
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
+SCHEMA_FILE = "robustness-score.schema.json"
+
+
 def schema() -> dict:
     """The JSON Schema of a score file (a copy)."""
-    return json.loads(_schema_text())
-
-
-@functools.cache
-def _schema_text() -> str:
-    return resources.files("cxr").joinpath("schema", "robustness-score.schema.json").read_text(encoding="utf-8")
-
-
-@functools.cache
-def _validator():
-    import jsonschema
-
-    return jsonschema.Draft202012Validator(schema())
+    return record_schema(SCHEMA_FILE)
 
 
 def _check(obj, where: str) -> dict:
-    from jsonschema.exceptions import best_match
-
-    error = best_match(_validator().iter_errors(obj))
-    if error is not None:
-        at = "/".join(map(str, error.absolute_path)) or "(top level)"
+    found = schema_error(obj, SCHEMA_FILE)
+    if found is not None:
+        at, error = found
         raise RobustnessError(f"{where}: {at}: {error.message[:160]}")
     return obj
 
