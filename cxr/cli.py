@@ -102,8 +102,7 @@ def cmd_run(args) -> int:
     if args.robustness:  # every ok run of this selection on the corrupted test splits (cxr.robustness)
         from cxr import robustness
 
-        chosen = {(s.id, s.seed) for s in specs}
-        stored = [r for r in results.load_all(args.out, []) if r.ok and (r.id, r.seed) in chosen]
+        stored = [r for s in specs if (r := results.stored(args.out, s)) is not None and r.ok]
         t_scoring = time.perf_counter()
         if _robustness_lines(robustness.score_runs(args.out, stored, args.device if not args.ray else "auto"),
                              t_scoring):

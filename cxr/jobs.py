@@ -44,22 +44,24 @@ def threads_per_job(jobs: int, threads: int | None = None) -> int:
 def split(units: Sequence[Sequence[ExperimentSpec]], jobs: int) -> list[list[ExperimentSpec]]:
     """The units as pieces for `jobs` workers, largest first: a fused group of several identities is
     dealt round-robin, by identity, into min(jobs, identities) groups; twins stay together."""
-    pieces: list[list[ExperimentSpec]] = []
+    sized: list[tuple[int, list[ExperimentSpec]]] = []  # (identities, piece)
     for u in units:
-        if len(u) == 1 or jobs == 1:
-            pieces.append(list(u))
+        if len(u) == 1:
+            sized.append((1, list(u)))
             continue
         data = data_mod.load(u[0].dataset, u[0].image_size)
         by_identity: dict[str, list[ExperimentSpec]] = {}
         for s in u:
             by_identity.setdefault(unit.identity(s, data), []).append(s)
+        if jobs == 1:
+            sized.append((len(by_identity), list(u)))
+            continue
         k = min(jobs, len(by_identity))
         parts: list[list[ExperimentSpec]] = [[] for _ in range(k)]
         for i, twins in enumerate(by_identity.values()):
             parts[i % k].extend(twins)
-        pieces.extend(parts)
-    return sorted(pieces, key=lambda p: -len({unit.identity(s, data_mod.load(s.dataset, s.image_size))
-                                                for s in p}))
+        sized.extend((len(range(j, len(by_identity), k)), part) for j, part in enumerate(parts))
+    return [piece for _, piece in sorted(sized, key=lambda sp: -sp[0])]
 
 
 def _work(job: tuple[int, list[ExperimentSpec], str, str, bool, int]) -> tuple[int, list[Result]]:

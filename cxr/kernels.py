@@ -59,7 +59,7 @@ def default_kernel(device: torch.device, spec: ExperimentSpec | None = None) -> 
     ~1.0x everywhere. bf16 makes one grouped convolution per layer cheaper than M small ones; at batch 128
     the small ones are already large enough."""
     kernel = os.environ.get(KERNEL_ENV)
-    if kernel is None or kernel == "":
+    if not kernel:
         if device.type == "cuda":
             return "grouped"
         bf16 = spec is not None and resolve_precision(spec.precision, device) == "bf16"
