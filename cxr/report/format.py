@@ -61,7 +61,7 @@ def p_text(p: float) -> str:
 
 def pts(x, digits: int = 2) -> str:
     """A difference of fractions in percentage points, signed: 0.004 -> "+0.40"."""
-    return "n/a" if x is None else f"{100 * x:+.{digits}f}".replace("-", "−")
+    return "n/a" if x is None else signed(100 * x, digits)
 
 
 def signed(x, digits: int = 3) -> str:
