@@ -327,6 +327,7 @@ def test_a_failing_group_trains_its_runs_alone(tiny_data, monkeypatch, capsys, t
 
 
 def test_a_failing_batched_evaluation_falls_back_to_each_model(tiny_data, monkeypatch):
+    monkeypatch.setattr(kernels, "evaluates_together", lambda device: True)  # as on CUDA
     specs = [replace(SPEC, seed=s, epochs=1) for s in (0, 1)]
     batched = unit.train_unit(specs, tiny_data, "cpu", progress=False, kernel="grouped")
 
@@ -339,3 +340,16 @@ def test_a_failing_batched_evaluation_falls_back_to_each_model(tiny_data, monkey
         assert a.record.ok
         for split in ("val", "test"):
             assert a.record.metrics[split]["accuracy"] == pytest.approx(b.record.metrics[split]["accuracy"], abs=1e-9)
+
+
+def test_a_cpu_group_evaluates_its_models_one_by_one(tiny_data, monkeypatch):
+    """On a CPU an fp32 grouped convolution is slower than the models one by one (kernels.evaluates_together):
+    neither validation nor the final evaluation of a grouped unit uses the batched forward there."""
+    def broken(*args, **kwargs):
+        raise AssertionError("fused_logits called on a CPU")
+
+    monkeypatch.setattr(kernels, "fused_logits", broken)
+    specs = [replace(SPEC, seed=s, epochs=2) for s in (0, 1)]
+    trained = unit.train_unit(specs, tiny_data, "cpu", progress=False, kernel="grouped")
+    assert [t.record.timing.get("fused_kernel") for t in trained] == ["grouped", "grouped"]
+    assert all(t.record.ok and "fused_error" not in t.record.timing for t in trained)

@@ -2,6 +2,7 @@
 results store (skip, reuse, kill-and-resume), and the recipe options (schedules, augmentation,
 label smoothing)."""
 
+import copy
 import json
 import os
 import signal
@@ -30,6 +31,37 @@ def test_same_spec_and_seed_give_identical_runs_on_cpu(tiny_data):
         assert torch.equal(va, vb), k
     c = engine.fit(replace(SPEC, seed=1), tiny_data, "cpu", progress=False)
     assert c.history[0]["train_loss"] != a.history[0]["train_loss"]
+
+
+@pytest.mark.parametrize("name", ["cnn", "vgg"])
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_pooling_before_relu_computes_what_relu_before_pooling_does(name, bf16):
+    """ConvNet pools before its ReLU (a quarter of the pixels to rectify); max and ReLU commute, so outputs,
+    BatchNorm statistics and gradients are bit for bit those of the usual conv-BN-ReLU-pool order."""
+    from torch import nn
+
+    from cxr.models import build_model
+    torch.manual_seed(0)
+    ours = build_model(name, 2, 4).to(memory_format=torch.channels_last)
+    usual = copy.deepcopy(ours)
+    layers = list(usual.features)
+    for i, layer in enumerate(layers[:-1]):
+        if isinstance(layer, nn.MaxPool2d):  # ..., BN, pool, ReLU -> ..., BN, ReLU, pool
+            layers[i], layers[i + 1] = layers[i + 1], layer
+    usual.features = nn.Sequential(*layers)
+    pools = [i for i, m in enumerate(usual.features) if isinstance(m, nn.MaxPool2d)]
+    assert len(pools) == 3 and all(isinstance(usual.features[i - 1], nn.ReLU) for i in pools)
+    x = torch.rand(16, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    outs = []
+    for model in (ours, usual):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        out.float().square().sum().backward()
+        outs.append((out, [p.grad for p in model.parameters()], [b.clone() for b in model.buffers()]))
+    (a, grads_a, bufs_a), (b, grads_b, bufs_b) = outs
+    assert torch.equal(a, b)
+    assert all(torch.equal(g, h) for g, h in zip(grads_a, grads_b, strict=True))
+    assert all(torch.equal(g, h) for g, h in zip(bufs_a, bufs_b, strict=True))
 
 
 @pytest.mark.parametrize("loss", ["bce", "ce"])
