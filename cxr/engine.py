@@ -332,8 +332,7 @@ def _train_epoch(step: Step, active: list[Member], epoch: int, n: int, batch: in
 def _validate(active: list[Member], rows: list[dict], kernel: str, x_val, y_val, device, seconds: float) -> None:
     """Each active member's history row of the epoch: stopped as diverged, or validated and selected."""
     t_val = time.perf_counter()
-    together = kernel == "grouped" and kernels.evaluates_together(device)
-    plain = [mb for mb in active if not mb.decision.tta] if together else []
+    plain = [mb for mb in active if not mb.decision.tta] if kernels.evaluates_together(kernel, device) else []
     logits = dict(zip(map(id, plain), kernels.fused_logits([mb.evaluated for mb in plain], x_val, device),
                       strict=True)) if plain else {}
     for mb, row in zip(active, rows, strict=True):

@@ -202,12 +202,13 @@ def detach_statistics(model: nn.Module) -> None:
             module.num_batches_tracked = module.num_batches_tracked.clone()
 
 
-def evaluates_together(device: torch.device) -> bool:
-    """Whether a grouped unit's models are evaluated in one batched forward (fused_logits) rather than one
-    by one: on CUDA, where one launch per layer for the group pays. Not on a CPU, where an fp32 grouped
-    convolution is slow: the 12 models of the default suite's batch-32 group on its 524 validation images
-    took 674 ms fused and 233 ms one by one (2-core CPU, torch 2.13.0+cpu; 10 epochs of that cost 4 s)."""
-    return device.type == "cuda"
+def evaluates_together(kernel: str | None, device: torch.device) -> bool:
+    """Whether a unit trained by `kernel` evaluates its models in one batched forward (fused_logits) rather
+    than one by one: a grouped unit on CUDA, where one launch per layer for the group pays. Not on a CPU,
+    where an fp32 grouped convolution is slow: the 12 models of the default suite's batch-32 group on its
+    524 validation images took 674 ms fused and 233 ms one by one (2-core CPU, torch 2.13.0+cpu; 10 epochs
+    of that cost 4 s)."""
+    return kernel == "grouped" and device.type == "cuda"
 
 
 @torch.no_grad()

@@ -63,8 +63,8 @@ def train_unit(specs: list[ExperimentSpec], data: data_mod.Dataset, device: torc
                     for s in specs]
         return [Trained(failed_record(rec, e)) for rec in recs]  # a crashed run is recorded; the sweep goes on
     logits = {}
-    if fits[0].fused_kernel == "grouped" and kernels.evaluates_together(dev):  # val and test of every
-        # plain-decision member in one batched forward
+    if kernels.evaluates_together(fits[0].fused_kernel, dev):  # val and test of every plain-decision member
+        # in one batched forward
         batch = [(i, f.model) for i, f in enumerate(fits) if f.status == record.OK and not recs[i].decision["tta"]]
         try:
             for split in ("val", "test") if batch else ():

@@ -327,7 +327,7 @@ def test_a_failing_group_trains_its_runs_alone(tiny_data, monkeypatch, capsys, t
 
 
 def test_a_failing_batched_evaluation_falls_back_to_each_model(tiny_data, monkeypatch):
-    monkeypatch.setattr(kernels, "evaluates_together", lambda device: True)  # as on CUDA
+    monkeypatch.setattr(kernels, "evaluates_together", lambda kernel, device: kernel == "grouped")  # as on CUDA
     specs = [replace(SPEC, seed=s, epochs=1) for s in (0, 1)]
     batched = unit.train_unit(specs, tiny_data, "cpu", progress=False, kernel="grouped")
 
