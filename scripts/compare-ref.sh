@@ -21,16 +21,9 @@ if [ $# -lt 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
 fi
 ref=$1
 shift
-root=$(git rev-parse --show-toplevel)
-cd "$root"
-if ! sha=$(git rev-parse --verify --quiet "$ref^{commit}"); then
-    echo "compare-ref: $ref: not a commit of this repository" >&2
-    exit 2
-fi
-work=${CXR_COMPARE_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/cxr-compare.XXXXXX")}
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
-tree="$work/ref-$sha"
+# shellcheck source=scripts/ref-worktree.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ref-worktree.sh"
+ref_worktree compare-ref "$ref" "${CXR_COMPARE_DIR:-}" cxr-compare
 read -r -a quick <<< "${CXR_QUICK_ARGS:---epochs 1 --seeds 2}"
 python=${PYTHON:-python3}
 if [ -z "${CXR_COMPARE_ARGS+set}" ] && ! "$python" -c 'import sys, torch; sys.exit(not torch.cuda.is_available())' \
@@ -41,11 +34,6 @@ if [ -z "${CXR_COMPARE_ARGS+set}" ] && ! "$python" -c 'import sys, torch; sys.ex
     echo "compare-ref: no CUDA GPU here: throughput gate at --factor 2.5 (set CXR_COMPARE_ARGS to change it)" >&2
 fi
 read -r -a gate <<< "${CXR_COMPARE_ARGS:-}"
-
-cleanup() { git worktree remove --force "$tree" >/dev/null 2>&1 || true; }
-trap cleanup EXIT
-cleanup
-git worktree add --detach --quiet "$tree" "$sha"
 
 suite() {  # suite DIR OUT: `cxr-bench run` with DIR's code and specs; a run that failed (exit 1) is in the table
     local dir=$1 out=$2 status=0

@@ -21,19 +21,10 @@ if [ $# -ge 1 ] && [[ $1 =~ ^[0-9]+$ ]]; then
     rounds=$1
     shift
 fi
-root=$(git rev-parse --show-toplevel)
-cd "$root"
-if ! sha=$(git rev-parse --verify --quiet "$ref^{commit}"); then
-    echo "suite-abab: $ref: not a commit of this repository" >&2
-    exit 2
-fi
-work=${CXR_ABAB_DIR:-$(mktemp -d "${TMPDIR:-/tmp}/cxr-abab.XXXXXX")}
-mkdir -p "$work"
-work=$(cd "$work" && pwd)
-tree="$work/ref-$sha"
+# shellcheck source=scripts/ref-worktree.sh
+source "$(dirname "${BASH_SOURCE[0]}")/ref-worktree.sh"
+ref_worktree suite-abab "$ref" "${CXR_ABAB_DIR:-}" cxr-abab
 python=${PYTHON:-python3}
-[ -d "$tree" ] || git worktree add --detach --quiet "$tree" "$sha"
-trap 'git worktree remove --force "$tree" 2>/dev/null || true' EXIT
 echo "# default suite, $ref ($(git rev-parse --short "$sha")) against the working tree ($(git rev-parse --short HEAD)$(git diff --quiet HEAD || echo -dirty)), $rounds rounds, $(date -u '+%F %H:%M') UTC, $(nproc) cores, load average $(cut -d' ' -f1 /proc/loadavg) before"
 for round in $(seq 1 "$rounds"); do
     for side in ref tree; do
